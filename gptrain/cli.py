@@ -1,0 +1,26 @@
+"""The `gptrain` command: each subcommand hands its arguments to the module that does the work."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "prepare": ("gptrain.prepare", "tokenize a corpus into train.bin / val.bin / meta.json"),
+    "train": ("gptrain.train", "train or fine-tune a model: [config.yaml ...] [key=value ...]"),
+    "generate": ("gptrain.generate", "sample text from a checkpoint"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in SUBCOMMANDS:
+        usage = "\n".join(f"  {name:<10} {help}" for name, (_, help) in SUBCOMMANDS.items())
+        print(f"usage: gptrain <command> [args]\n\ncommands:\n{usage}\n\n'gptrain <command> --help' for details")
+        sys.exit(0 if args and args[0] in ("-h", "--help") else 2)
+    module = importlib.import_module(SUBCOMMANDS[args[0]][0])  # import only what this command needs
+    module.main(args[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Token memmaps written by `gptrain prepare`, and the sampler that draws training windows from them."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Missing or unusable prepared data; the message says what to run."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads nanoGPT-style meta.pkl files without running code from them: plain containers only."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"meta.pkl refers to {module}.{name}; only plain data is accepted")
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    """meta.json (or, for data prepared by nanoGPT, meta.pkl) of a prepared data directory."""
+    data_dir = Path(data_dir)
+    if (data_dir / "meta.json").is_file():
+        return json.loads((data_dir / "meta.json").read_text())
+    if (data_dir / "meta.pkl").is_file():
+        with open(data_dir / "meta.pkl", "rb") as f:
+            return _PlainUnpickler(f).load()
+    raise DataError(f"no meta.json in {data_dir}: run `gptrain prepare --out_dir {data_dir} ...` first")
+
+
+def open_tokens(data_dir: str | Path, split: str, meta: dict) -> np.memmap:
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `gptrain prepare --out_dir {data_dir} ...` first")
+    return np.memmap(path, dtype=np.dtype(meta.get("dtype", "uint16")), mode="r")
+
+
+class BatchSampler:
+    """Random `block_size` windows from a token file, batch after batch.
+
+    Batch k is a pure function of (seed, rank, k), so the data position is one integer: saving it and
+    restoring it replays exactly the batches an uninterrupted run would have drawn.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0):
+        if len(tokens) <= block_size:
+            raise DataError(f"{len(tokens)} tokens is too few for block_size {block_size}")
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.seed, self.rank = seed, rank
+        self.position = 0
+        self._offsets = np.arange(block_size + 1)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, both (batch_size, block_size) int64 on the CPU."""
+        rng = np.random.default_rng([self.seed, self.rank, self.position])
+        self.position += 1
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        windows = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
+        return windows[:, :-1], windows[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]

@@ -1,0 +1,165 @@
+"""Sample text from a checkpoint with the KV cache, streaming it to stdout as it is produced.
+
+Usage: gptrain generate --model_path checkpoints/ckpt.pt --prompt "..." [--max_new_tokens N] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from gptrain import tokenizer as tokenizers
+from gptrain.checkpoint import CheckpointError, load_checkpoint
+from gptrain.config import ConfigError, GPTConfig
+from gptrain.device import autocast, resolve_device, resolve_dtype
+from gptrain.model import GPT, KVCache
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top k, then outside the nucleus: the smallest set of most
+    likely tokens whose probabilities sum to at least top_p (the most likely token always stays)."""
+    logits = logits.clone()
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits[logits < kth] = float("-inf")
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
+        sorted_logits[mass_before >= top_p] = float("-inf")
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token for each row of (B, vocab) logits; temperature 0 means greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                    use_cache: bool = True, vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield (B, 1) new tokens one at a time, conditioning on at most the last block_size tokens.
+
+    With the cache each step feeds only the newest token. Once the context is full, positions shift
+    with every token, so the last block_size tokens are recomputed: exactly what the uncached path does.
+    """
+    block_size = model.config.block_size
+    cache = None
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits, _ = model(idx[:, -block_size:])
+        elif cache is None or cache.length >= block_size:
+            cache = KVCache(model.config)
+            logits, _ = model(idx[:, -block_size:], cache=cache)
+        else:
+            logits, _ = model(idx[:, -1:], cache=cache)
+        logits = logits[:, -1, :]
+        if vocab_limit is not None:  # the embedding is padded past the tokenizer's vocabulary
+            logits[:, vocab_limit:] = float("-inf")
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        idx = torch.cat([idx, token], dim=1)
+        yield token
+
+
+class StreamDecoder:
+    """Turns tokens into text as they arrive, holding back a token that ends inside a UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.pending = tokenizer, []
+
+    def push(self, token: int) -> str:
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 4:  # a UTF-8 character spans at most 4 tokens
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text, self.pending = self.tokenizer.decode(self.pending) if self.pending else "", []
+        return text
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[GPT, object]:
+    """The model in eval mode and the tokenizer it was trained with, from a checkpoint alone."""
+    checkpoint = load_checkpoint(path, map_location=device)
+    saved = checkpoint.get("model_config") or checkpoint.get("model_args")  # model_args: nanoGPT
+    if saved is None:
+        raise CheckpointError(f"{path} does not record the model's shape (model_config)")
+    model = GPT(GPTConfig(**{**{k: saved[k] for k in saved if k in GPTConfig.__dataclass_fields__}, "dropout": 0.0}))
+    model.load_state_dict(checkpoint["model"])
+    model.to(device).eval()
+    meta = checkpoint.get("tokenizer")
+    if meta is None:
+        print("note: the checkpoint records no tokenizer; decoding with GPT-2's", file=sys.stderr)
+        meta = {"name": "gpt2"}
+    return model, tokenizers.from_meta(meta)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptrain generate", description=__doc__.splitlines()[0])
+    p.add_argument("--model_path", default="checkpoints/ckpt.pt", help="checkpoint to sample from")
+    p.add_argument("--prompt", default="\n", help="text to continue, or FILE:path to read it from a file")
+    p.add_argument("--max_new_tokens", type=int, default=500, help="tokens to generate per sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; <1 sharper, >1 more random")
+    p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: smallest set with this much probability")
+    p.add_argument("--num_samples", type=int, default=1, help="independent samples to draw")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (slow; for checks)")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise ConfigError("--max_new_tokens must be >= 0 and --num_samples >= 1")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        _check_args(args)
+        device = resolve_device(args.device)
+        model, tokenizer = load_model(args.model_path, device)
+        prompt = args.prompt
+        if prompt.startswith("FILE:"):
+            prompt = Path(prompt[5:]).read_text(encoding="utf-8")
+        ids = tokenizer.encode(prompt) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
+        if not ids:
+            raise ConfigError("the prompt is empty and the tokenizer has no end-of-text token to start from; give --prompt")
+    except (ConfigError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    generator = torch.Generator(device=device)
+    if args.seed is not None:
+        generator.manual_seed(args.seed)
+    else:
+        generator.seed()
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    with autocast(device, resolve_dtype(args.dtype, device)):
+        for sample in range(args.num_samples):
+            if sample:
+                print("-" * 40)
+            decoder = StreamDecoder(tokenizer)
+            for token in generate_tokens(model, idx, args.max_new_tokens, args.temperature, args.top_k or None,
+                                         args.top_p, generator, not args.no_cache, tokenizer.vocab_size):
+                print(decoder.push(token.item()), end="", flush=True)
+            print(decoder.flush(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

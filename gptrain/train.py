@@ -1,0 +1,280 @@
+"""The training loop: build everything from one TrainConfig, then step, evaluate, checkpoint and log.
+
+Usage: gptrain train [config.yaml ...] [key=value ...]   (or: python train.py ..., torchrun ... train.py ...)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from gptrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gptrain.config import ConfigError, GPTConfig, TrainConfig, help_text, load_config
+from gptrain.device import autocast, resolve_device, resolve_dtype
+from gptrain.data import BatchSampler, DataError, open_tokens, read_meta
+from gptrain.distributed import DistInfo, apply_ddp, gather_objects, init_distributed, mean_across_ranks, print0, teardown
+from gptrain.evaluate import estimate_loss
+from gptrain.metrics import MetricsLogger, peak_flops
+from gptrain.model import GPT
+from gptrain.optim import build_optimizer, lr_at
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss diverged); the message says where and what to try."""
+
+
+@dataclass
+class Run:
+    """Everything the loop reads and advances, built once by `build`."""
+
+    config: TrainConfig
+    info: DistInfo
+    device: torch.device
+    dtype: torch.dtype
+    raw_model: GPT  # the bare model, whose state_dict is what checkpoints hold
+    model: nn.Module  # the same model, possibly compiled and wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_batches: BatchSampler
+    eval_batches: dict[str, BatchSampler]
+    tokenizer_meta: dict | None
+    logger: MetricsLogger
+    accum_steps: int
+    step: int = 0
+    start_step: int = 0
+    best_val_loss: float = float("inf")
+
+    @property
+    def autocast(self):
+        return autocast(self.device, self.dtype)
+
+    def to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+        return tuple(t.to(self.device) for t in batch)
+
+
+def _model_config(config: TrainConfig, meta: dict, checkpoint: dict | None) -> GPTConfig:
+    """The checkpoint's shape when starting from one (only dropout may change), else the config's."""
+    if checkpoint is None:
+        vocab = config.vocab_size or -(-meta["vocab_size"] // 64) * 64  # a multiple of 64 is faster on GPUs
+        return GPTConfig(**{**asdict(config.model_config()), "vocab_size": vocab})
+    saved = checkpoint.get("model_config") or checkpoint.get("model_args")  # model_args: a nanoGPT checkpoint
+    known = {f.name for f in fields(GPTConfig)}
+    return GPTConfig(**{**{k: v for k, v in saved.items() if k in known}, "dropout": config.dropout})
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def build(config: TrainConfig) -> Run:
+    info = init_distributed(config.backend)
+    device = resolve_device(config.device, info.local_rank, info.enabled)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.gradient_accumulation_steps % info.world_size:
+        raise ConfigError(f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be divisible "
+                          f"by the number of processes ({info.world_size}) so the global batch stays the same")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+
+    meta = read_meta(config.data_dir)
+    resume = config.init_from == "resume"
+    checkpoint = None
+    if config.init_from != "scratch":
+        path = Path(config.out_dir) / "ckpt.pt" if resume else Path(config.init_from)
+        checkpoint = load_checkpoint(path, map_location=device)
+    model_config = _model_config(config, meta, checkpoint)
+    if meta["vocab_size"] > model_config.vocab_size:
+        raise DataError(f"the data's vocabulary ({meta['vocab_size']}) is larger than the model's ({model_config.vocab_size})")
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    raw_model = GPT(model_config)
+    if checkpoint is not None:
+        raw_model.load_state_dict(checkpoint["model"])
+    raw_model.to(device)
+    torch.manual_seed(config.seed + info.rank)  # but a different dropout stream on each
+
+    optimizer = build_optimizer(raw_model, config, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    train_tokens, val_tokens = open_tokens(config.data_dir, "train", meta), open_tokens(config.data_dir, "val", meta)
+    sampler = lambda tokens, seed: BatchSampler(tokens, model_config.block_size, config.batch_size, seed, info.rank)  # noqa: E731
+    run = Run(
+        config=config, info=info, device=device, dtype=dtype, raw_model=raw_model, model=raw_model,
+        optimizer=optimizer, scaler=scaler, train_batches=sampler(train_tokens, config.seed),
+        # evaluation draws from its own streams, so evaluating never moves the training data position
+        eval_batches={"train": sampler(train_tokens, config.seed + 1), "val": sampler(val_tokens, config.seed + 1)},
+        tokenizer_meta=meta.get("tokenizer"), logger=MetricsLogger(config, info, resume),
+        accum_steps=config.gradient_accumulation_steps // info.world_size,
+    )
+    if resume:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        run.step = run.start_step = checkpoint["iter_num"]
+        run.best_val_loss = checkpoint["best_val_loss"]
+        run.train_batches.load_state_dict(checkpoint["data"])
+        rng = checkpoint["rng"]
+        if info.rank < len(rng):  # a resume on more processes than saved starts the extra ranks fresh
+            _set_rng_state(rng[info.rank], device)
+    if config.compile:
+        run.model = torch.compile(raw_model)
+    run.model = apply_ddp(run.model, info, device)
+
+    tokens_per_step = config.batch_size * model_config.block_size * config.gradient_accumulation_steps
+    print0(info, f"{raw_model.num_params() / 1e6:.2f}M parameters | device {device} | dtype {str(dtype)[6:]} | "
+                 f"{info.world_size} process(es) | {tokens_per_step:,} tokens per step "
+                 f"({config.batch_size} x {model_config.block_size} x {config.gradient_accumulation_steps} micro-batches)")
+    if checkpoint is not None:
+        print0(info, f"{'resuming' if resume else 'fine-tuning'} from {path} (iter {checkpoint.get('iter_num', 0)})")
+    return run
+
+
+def save(run: Run) -> None:
+    """Every rank takes part (RNG states are gathered); rank 0 writes."""
+    rng = gather_objects(_rng_state(run.device), run.info)
+    if not run.info.is_main:
+        return
+    state = {
+        "model": run.raw_model.state_dict(),
+        "model_config": asdict(run.raw_model.config),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "config": asdict(run.config),
+        "iter_num": run.step,
+        "best_val_loss": run.best_val_loss,
+        "rng": rng,
+        "data": run.train_batches.state_dict(),
+        "tokenizer": run.tokenizer_meta,
+    }
+    path = Path(run.config.out_dir) / "ckpt.pt"
+    save_checkpoint(state, path)
+    print0(run.info, f"saved {path} at iter {run.step}")
+
+
+def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `accum_steps` micro-batches; returns the mean loss and the gradient norm."""
+    model, info = run.model, run.info
+    total_loss = torch.zeros((), device=run.device)
+    x, y = run.to_device(run.train_batches.next_batch())
+    for micro in range(run.accum_steps):
+        last = micro == run.accum_steps - 1
+        # DDP would all-reduce gradients after every backward; only the last micro-batch needs it.
+        sync = nullcontext() if last or not info.enabled else model.no_sync()
+        with sync:
+            with run.autocast:
+                _, loss = model(x, y)
+                loss = loss / run.accum_steps
+            if not last:  # fetch the next micro-batch while the GPU works on this one
+                x, y = run.to_device(run.train_batches.next_batch())
+            run.scaler.scale(loss).backward()
+        total_loss += loss.detach()
+    run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
+    max_norm = run.config.grad_clip if run.config.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), max_norm)
+    run.scaler.step(run.optimizer)  # skipped by the scaler if fp16 gradients overflowed
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return total_loss, grad_norm
+
+
+def evaluate(run: Run) -> dict:
+    losses = {
+        split: mean_across_ranks(
+            estimate_loss(run.model, sampler, run.config.eval_iters, run.device, run.autocast), run.info
+        ).item()
+        for split, sampler in run.eval_batches.items()
+    }
+    return {"step": run.step, "val/loss": losses["val"], "eval/train_loss": losses["train"]}
+
+
+def _check_finite(loss: float, run: Run, what: str) -> None:
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"{what} became {loss} at iter {run.step} (lr {lr_at(run.step, run.config):.2e}); "
+            f"the last checkpoint is left untouched. Try a lower learning_rate, grad_clip > 0, "
+            f"a longer warmup_iters, or dtype=bfloat16 instead of float16"
+        )
+
+
+def train(config: TrainConfig) -> list[dict]:
+    """Run training to max_iters; returns the records that were logged (rank 0)."""
+    run = build(config)
+    try:
+        _loop(run)
+    finally:
+        run.logger.close()
+        teardown(run.info)
+    return run.logger.history
+
+
+def _loop(run: Run) -> None:
+    config = run.config
+    tokens_per_step = config.batch_size * run.raw_model.config.block_size * config.gradient_accumulation_steps
+    flops_per_token = run.raw_model.flops_per_token()
+    peak = peak_flops(config, run.device, run.dtype)
+    timer, timed_steps = time.perf_counter(), 0
+    while True:
+        due = run.step % config.eval_interval == 0 or run.step == config.max_iters
+        resumed_here = run.step == run.start_step > 0  # the checkpoint already holds this evaluation
+        if config.eval_only or (due and not resumed_here):
+            eval_started = time.perf_counter()
+            record = evaluate(run)
+            run.logger.log(record)
+            _check_finite(record["val/loss"], run, "val loss")
+            if record["val/loss"] < run.best_val_loss or config.always_save_checkpoint:
+                run.best_val_loss = min(run.best_val_loss, record["val/loss"])
+                if run.step > run.start_step:
+                    save(run)
+            timer += time.perf_counter() - eval_started  # evaluation is not training time
+        if run.step >= config.max_iters or config.eval_only:
+            return
+
+        lr = lr_at(run.step, config)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        loss, grad_norm = train_step(run)
+        timed_steps += 1
+        if run.step % config.log_interval == 0:
+            loss = mean_across_ranks(loss, run.info).item()  # a CPU-GPU sync point, so only on log steps
+            _check_finite(loss, run, "training loss")
+            record = {"step": run.step, "train/loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
+            if run.step > run.start_step:  # the first step pays for compilation and warm-up
+                seconds = (time.perf_counter() - timer) / timed_steps
+                tokens_per_sec = tokens_per_step / seconds
+                record |= {"ms_per_iter": 1000 * seconds, "tokens_per_sec": tokens_per_sec,
+                           "mfu": flops_per_token * tokens_per_sec / (peak * run.info.world_size) if peak else None}
+            run.logger.log(record)
+            timer, timed_steps = time.perf_counter(), 0
+        run.step += 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(args):
+        print(__doc__.strip() + "\n\n" + help_text())
+        return
+    try:
+        train(load_config(args))
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Shared fixtures: a small character-level corpus prepared once, and a tiny model's settings."""
+
+from pathlib import Path
+
+import pytest
+
+from gptrain.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory) -> Path:
+    """The first 200 kB of tiny-shakespeare, prepared by the real `gptrain prepare` at character level."""
+    from gptrain.prepare import main as prepare
+
+    root = tmp_path_factory.mktemp("shakespeare_char")
+    corpus = root / "input.txt"
+    corpus.write_text((ROOT / "data" / "tinyshakespeare.txt").read_text()[:200_000])
+    prepare(["--input", str(corpus), "--tokenizer", "char", "--out_dir", str(root / "data")])
+    return root / "data"
+
+
+@pytest.fixture
+def tiny_config(char_data, tmp_path):
+    """Settings for a 2-layer, 32-wide model that trains in about a second on a CPU."""
+
+    def make(*overrides: str):
+        return load_config([
+            f"data_dir={char_data}", f"out_dir={tmp_path / 'out'}", f"log_dir={tmp_path / 'logs'}",
+            "n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "gradient_accumulation_steps=1",
+            "learning_rate=3e-3", "min_lr=3e-4", "warmup_iters=5", "max_iters=20", "lr_decay_iters=20",
+            "eval_interval=10", "eval_iters=4", "log_interval=1", "device=cpu", "dtype=float32",
+            "compile=false", "tensorboard=false", *overrides,
+        ])
+
+    return make

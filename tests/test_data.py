@@ -1,0 +1,65 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from gptrain.data import BatchSampler, DataError, open_tokens, read_meta
+
+
+def test_targets_are_inputs_shifted_by_one():
+    tokens = np.arange(1000, dtype=np.uint16)
+    x, y = BatchSampler(tokens, block_size=16, batch_size=4, seed=0).next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
+
+
+def test_restored_position_replays_the_same_batches():
+    tokens = np.random.default_rng(0).integers(0, 65, 10_000).astype(np.uint16)
+    original = BatchSampler(tokens, 32, 8, seed=1337)
+    for _ in range(3):
+        original.next_batch()
+    restored = BatchSampler(tokens, 32, 8, seed=1337)
+    restored.load_state_dict(original.state_dict())
+    for _ in range(3):
+        for a, b in zip(original.next_batch(), restored.next_batch()):
+            assert torch.equal(a, b)
+
+
+def test_ranks_and_seeds_draw_different_batches():
+    tokens = np.arange(100_000, dtype=np.uint32)
+    first = lambda **kw: BatchSampler(tokens, 8, 4, **kw).next_batch()[0]  # noqa: E731
+    assert not torch.equal(first(seed=0, rank=0), first(seed=0, rank=1))
+    assert not torch.equal(first(seed=0), first(seed=1))
+    assert torch.equal(first(seed=5, rank=1), first(seed=5, rank=1))
+
+
+def test_too_little_data_for_a_block_is_a_clear_error():
+    with pytest.raises(DataError, match="too few for block_size 64"):
+        BatchSampler(np.arange(10, dtype=np.uint16), 64, 1, seed=0)
+
+
+def test_meta_pkl_from_nanogpt_is_read_but_never_runs_code(tmp_path):
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "itos": {0: "a"}}))
+    assert read_meta(tmp_path)["vocab_size"] == 65
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(pickle.UnpicklingError, match="only plain data"):
+        read_meta(tmp_path)
+
+
+def test_missing_data_says_what_to_run(tmp_path):
+    with pytest.raises(DataError, match="run `gptrain prepare"):
+        read_meta(tmp_path)
+    with pytest.raises(DataError, match="train.bin not found"):
+        open_tokens(tmp_path, "train", {"dtype": "uint16"})
+
+
+def test_prepared_tokens_open_with_their_recorded_dtype(char_data):
+    meta = read_meta(char_data)
+    tokens = open_tokens(char_data, "train", meta)
+    assert tokens.dtype == np.uint16 and int(tokens.max()) < meta["vocab_size"]

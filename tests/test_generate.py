@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from gptrain.config import GPTConfig
+from gptrain.generate import StreamDecoder, filter_logits, generate_tokens, main
+from gptrain.model import GPT
+from gptrain.tokenizer import get_tokenizer
+from gptrain.train import train
+
+
+def kept(logits: torch.Tensor) -> list[int]:
+    return torch.isfinite(logits).nonzero().flatten().tolist()
+
+
+def test_top_k_keeps_exactly_the_k_most_likely():
+    logits = torch.tensor([0.1, 3.0, -1.0, 2.0, 0.5])
+    assert kept(filter_logits(logits, top_k=2)) == [1, 3]
+    assert kept(filter_logits(logits, top_k=0)) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("top_p, expected", [(0.4, [0]), (0.5, [0]), (0.7, [0, 1]), (0.75, [0, 1]), (0.8, [0, 1, 2]),
+                                             (0.99, [0, 1, 2, 3, 4])])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625])
+    logits = probs.log()[[3, 0, 4, 1, 2]]  # shuffled: positions 1, 3, 4, 0, 2 hold the ranked tokens
+    ranked = [1, 3, 4, 0, 2]
+    assert kept(filter_logits(logits, top_p=top_p)) == sorted(ranked[i] for i in expected)
+
+
+def test_top_k_and_top_p_combine():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert kept(filter_logits(logits, top_k=3, top_p=0.9)[0]) == [0, 1]
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)).eval()
+
+
+def test_greedy_with_the_kv_cache_equals_without():
+    model = tiny_model()
+    prompt = torch.randint(0, 64, (2, 5))
+    # 40 new tokens overflow the 16-token context, exercising the cropped recompute too
+    run = lambda cache: torch.cat(list(generate_tokens(model, prompt, 40, temperature=0, use_cache=cache)), 1)  # noqa: E731
+    assert torch.equal(run(True), run(False))
+
+
+def test_prompt_longer_than_the_context_is_cropped_from_the_left():
+    model = tiny_model()
+    long_prompt = torch.randint(0, 64, (1, 50))
+    first = lambda p: next(generate_tokens(model, p, 1, temperature=0))  # noqa: E731
+    assert torch.equal(first(long_prompt), first(long_prompt[:, -16:]))
+
+
+def test_padded_vocabulary_is_never_sampled():
+    model = tiny_model()
+    tokens = torch.cat(list(generate_tokens(model, torch.zeros(4, 1, dtype=torch.long), 30, temperature=2.0,
+                                            vocab_limit=10)), 1)
+    assert int(tokens.max()) < 10
+
+
+def test_stream_decoder_waits_for_whole_utf8_characters():
+    tok = get_tokenizer("gpt2")
+    text = "naïve café → 日本語 🙂!"
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.push(t) for t in tok.encode(text)] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.fixture
+def checkpoint(tiny_config, tmp_path):
+    train(tiny_config("max_iters=10", "eval_interval=10"))
+    return tmp_path / "out" / "ckpt.pt"
+
+
+def sample(capsys, checkpoint, *args) -> str:
+    capsys.readouterr()  # drop what training printed
+    main(["--model_path", str(checkpoint), "--prompt", "ROMEO:", "--max_new_tokens", "40", "--device", "cpu", *args])
+    return capsys.readouterr().out
+
+
+def test_seed_makes_sampling_reproducible(capsys, checkpoint):
+    a, b = sample(capsys, checkpoint, "--seed", "7"), sample(capsys, checkpoint, "--seed", "7")
+    c = sample(capsys, checkpoint, "--seed", "8")
+    assert a == b != c
+    assert len(a.rstrip("\n")) >= 30  # characters: 40 char-level tokens, decoded with the checkpoint's tokenizer
+
+
+def test_num_samples_and_greedy(capsys, checkpoint):
+    out = sample(capsys, checkpoint, "--temperature", "0", "--num_samples", "2", "--top_p", "0.9")
+    first, second = out.split("\n" + "-" * 40 + "\n")
+    assert first == second.rstrip("\n")  # greedy ignores the seed
+
+
+def test_bad_arguments_are_one_line_errors(capsys, checkpoint, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["--model_path", str(tmp_path / "missing.pt")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: checkpoint not found: {tmp_path / 'missing.pt'}"
+    with pytest.raises(SystemExit):
+        sample(capsys, checkpoint, "--top_p", "0")
+    assert "0 < --top_p <= 1" in capsys.readouterr().err

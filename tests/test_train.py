@@ -1,0 +1,92 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptrain.checkpoint import load_checkpoint
+from gptrain.optim import lr_at
+from gptrain.train import TrainingError, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def losses(history: list[dict], key: str = "train/loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in history if key in r}
+
+
+def test_loss_falls(tiny_config):
+    history = train(tiny_config("max_iters=200", "lr_decay_iters=200", "eval_interval=200", "learning_rate=1e-2",
+                                "log_interval=50"))
+    val = losses(history, "val/loss")
+    assert val[0] > 4.0  # about ln(65): a uniform guess over the characters
+    assert val[200] < 3.1  # below the 3.31 nats that character frequencies alone give
+
+
+def test_resumed_run_matches_the_uninterrupted_run(tiny_config, tmp_path):
+    # dropout and 2 micro-batches exercise the RNG and the data position, not only the weights
+    common = ("dropout=0.1", "gradient_accumulation_steps=2", "max_iters=8", "lr_decay_iters=8", "eval_interval=4")
+    whole = train(tiny_config(*common, f"out_dir={tmp_path / 'whole'}"))
+    train(tiny_config(*common, "max_iters=4", f"out_dir={tmp_path / 'split'}"))  # stops (as if killed) at iter 4
+    resumed = train(tiny_config(*common, "init_from=resume", f"out_dir={tmp_path / 'split'}"))
+
+    assert losses(resumed) == {s: v for s, v in losses(whole).items() if s >= 4}
+    assert losses(resumed, "val/loss") == {8: losses(whole, "val/loss")[8]}
+    a, b = (load_checkpoint(tmp_path / run / "ckpt.pt") for run in ("whole", "split"))
+    assert a["iter_num"] == b["iter_num"] == 8 and a["data"] == b["data"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_fine_tuning_starts_from_the_checkpoint_weights(tiny_config, tmp_path):
+    pretrained = train(tiny_config(f"out_dir={tmp_path / 'pre'}"))
+    finetuned = train(tiny_config(f"init_from={tmp_path / 'pre' / 'ckpt.pt'}", "max_iters=2", "eval_interval=2",
+                                  "n_layer=5", f"out_dir={tmp_path / 'ft'}"))  # n_layer comes from the checkpoint
+    assert losses(finetuned, "val/loss")[0] == pytest.approx(losses(pretrained, "val/loss")[20], abs=1e-6)
+    assert load_checkpoint(tmp_path / "ft" / "ckpt.pt")["model_config"]["n_layer"] == 2
+
+
+def test_every_log_step_lands_in_metrics_jsonl_and_tensorboard(tiny_config, tmp_path):
+    pytest.importorskip("tensorboard")
+    history = train(tiny_config("max_iters=4", "tensorboard=true", "log_interval=2"))
+    records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert records == history
+    assert [r["step"] for r in records if "train/loss" in r] == [0, 2]
+    assert records[-2]["step"] == 2 and records[-2]["tokens_per_sec"] > 0 and records[-2]["ms_per_iter"] > 0
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "logs").iterdir())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_trains(tiny_config, dtype):
+    history = train(tiny_config(f"dtype={dtype}", "max_iters=10", "eval_interval=10"))
+    val = losses(history, "val/loss")
+    assert val[10] < val[0]
+
+
+def test_divergence_stops_with_a_clear_error(tiny_config):
+    with pytest.raises(TrainingError, match=r"training loss became (nan|inf) at iter \d+ .*lower learning_rate"):
+        train(tiny_config("learning_rate=1e6", "min_lr=0", "warmup_iters=0", "grad_clip=0", "max_iters=50"))
+
+
+def test_lr_schedule_warms_up_then_decays_to_min(tiny_config):
+    c = tiny_config("learning_rate=1.0", "min_lr=0.1", "warmup_iters=10", "lr_decay_iters=110", "max_iters=200")
+    assert lr_at(0, c) < lr_at(5, c) < lr_at(10, c) == pytest.approx(1.0, rel=1e-6)
+    assert lr_at(60, c) == pytest.approx(0.55)
+    assert lr_at(110, c) == lr_at(150, c) == 0.1
+
+
+def test_torchrun_ddp_on_two_cpu_processes(tiny_config, char_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           f"data_dir={char_data}", f"out_dir={tmp_path / 'ddp'}", f"log_dir={tmp_path / 'logs'}", "n_layer=2",
+           "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "gradient_accumulation_steps=4",
+           "max_iters=4", "lr_decay_iters=4", "warmup_iters=1", "eval_interval=4", "eval_iters=2",
+           "device=cpu", "compile=false", "tensorboard=false"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 process(es)" in result.stdout
+    assert "1,024 tokens per step" in result.stdout  # 8 x 32 x 4: the global batch does not depend on the GPU count
+    assert load_checkpoint(tmp_path / "ddp" / "ckpt.pt")["iter_num"] == 4
