@@ -56,7 +56,7 @@ class TrainConfig(GPTConfig):
     always_save_checkpoint: bool = setting(True, "save at every evaluation, not only when val loss improves")
     # logging
     log_dir: str = setting("logs", "TensorBoard event files and metrics.jsonl go here")
-    tensorboard: bool = setting(True, "write TensorBoard event files to log_dir (needs the tensorboard package)")
+    tensorboard: bool = setting(True, "write TensorBoard event files to log_dir")
     wandb_log: bool = setting(False, "log metrics to Weights & Biases (needs the wandb package)")
     wandb_project: str = setting("gptrain", "W&B project name")
     wandb_run_name: str = setting("gpt2-124M", "W&B run name")
@@ -80,7 +80,7 @@ class TrainConfig(GPTConfig):
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = setting("auto", "auto | float32 | bfloat16 | float16 (float16 uses a gradient scaler)")
     compile: bool = setting(True, "torch.compile the model (PyTorch 2.x)")
-    backend: str = setting("nccl", "torch.distributed backend under torchrun (nccl on GPUs, gloo on CPUs)")
+    backend: str = setting("nccl", "torch.distributed backend under torchrun for GPUs; CPU runs always use gloo")
     seed: int = setting(1337, "seed for weights, data order and dropout")
     peak_tflops: float = setting(0.0, "the accelerator's peak TFLOP/s for MFU; 0 = look up the known GPUs")
 

@@ -25,17 +25,22 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(backend: str) -> DistInfo:
-    """Join the process group that torchrun describes in RANK/WORLD_SIZE; a plain run is rank 0 of 1."""
+def dist_info() -> DistInfo:
+    """This process's place as torchrun describes it in RANK/WORLD_SIZE; a plain run is rank 0 of 1."""
     if "RANK" not in os.environ:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
-    if backend == "nccl" and not torch.cuda.is_available():
-        backend = "gloo"  # NCCL needs GPUs; gloo lets the same command run on CPUs
-    if backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+
+
+def init_distributed(info: DistInfo, backend: str, device: torch.device) -> None:
+    """Join the process group; NCCL only carries CUDA tensors, so a CPU run takes gloo whatever was asked."""
+    if not info.enabled:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        backend = "gloo"
     dist.init_process_group(backend=backend)
-    return info
 
 
 def teardown(info: DistInfo) -> None:

@@ -61,12 +61,9 @@ class MetricsLogger:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(log_dir / "metrics.jsonl", "a" if resume else "w")
         if config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("tensorboard is not installed (pip install 'gptrain[tensorboard]'); skipping its logs")
-            else:
-                self.tensorboard = SummaryWriter(log_dir=str(log_dir))
+            from torch.utils.tensorboard import SummaryWriter  # imported late: it takes a second
+
+            self.tensorboard = SummaryWriter(log_dir=str(log_dir))
         if config.wandb_log:
             import wandb  # an explicit wandb_log=true without wandb installed should fail loudly
 

@@ -19,7 +19,9 @@ from gptrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gptrain.config import ConfigError, GPTConfig, TrainConfig, help_text, load_config
 from gptrain.device import autocast, resolve_device, resolve_dtype
 from gptrain.data import BatchSampler, DataError, open_tokens, read_meta
-from gptrain.distributed import DistInfo, apply_ddp, gather_objects, init_distributed, mean_across_ranks, print0, teardown
+from gptrain.distributed import (
+    DistInfo, apply_ddp, dist_info, gather_objects, init_distributed, mean_across_ranks, print0, teardown,
+)
 from gptrain.evaluate import estimate_loss
 from gptrain.metrics import MetricsLogger, peak_flops
 from gptrain.model import GPT
@@ -84,8 +86,9 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def build(config: TrainConfig) -> Run:
-    info = init_distributed(config.backend)
+    info = dist_info()
     device = resolve_device(config.device, info.local_rank, info.enabled)
+    init_distributed(info, config.backend, device)
     dtype = resolve_dtype(config.dtype, device)
     if config.gradient_accumulation_steps % info.world_size:
         raise ConfigError(f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be divisible "
