@@ -104,6 +104,10 @@ def build(config: TrainConfig) -> Run:
         path = Path(config.out_dir) / "ckpt.pt" if resume else Path(config.init_from)
         checkpoint = load_checkpoint(path, map_location=device)
     model_config = _model_config(config, meta, checkpoint)
+    saved_tokenizer = checkpoint.get("tokenizer") if checkpoint else None
+    if saved_tokenizer and meta.get("tokenizer") and saved_tokenizer != meta["tokenizer"]:
+        raise DataError(f"{config.data_dir} was tokenized with '{meta['tokenizer']['name']}' but the checkpoint "
+                        f"with a different '{saved_tokenizer['name']}' tokenizer; prepare the data with the checkpoint's")
     if meta["vocab_size"] > model_config.vocab_size:
         raise DataError(f"the data's vocabulary ({meta['vocab_size']}) is larger than the model's ({model_config.vocab_size})")
 

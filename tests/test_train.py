@@ -9,7 +9,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptrain.checkpoint import load_checkpoint
+from gptrain.data import DataError
 from gptrain.optim import lr_at
+from gptrain.prepare import main as prepare
 from gptrain.train import TrainingError, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,3 +96,14 @@ def test_torchrun_ddp_on_two_cpu_processes(tiny_config, char_data, tmp_path):
     assert "2 process(es)" in result.stdout
     assert "1,024 tokens per step" in result.stdout  # 8 x 32 x 4: the global batch does not depend on the GPU count
     assert load_checkpoint(tmp_path / "ddp" / "ckpt.pt")["iter_num"] == 4
+
+
+def test_fine_tuning_on_data_with_another_tokenizer_is_refused(tiny_config, tmp_path):
+    train(tiny_config("max_iters=1", "eval_interval=1", f"out_dir={tmp_path / 'pre'}"))
+    other = tmp_path / "other"
+    other.mkdir()
+    text = tmp_path / "abc.txt"
+    text.write_text("abcabcabc" * 200)
+    prepare(["--input", str(text), "--tokenizer", "char", "--out_dir", str(other)])
+    with pytest.raises(DataError, match="tokenized with 'char' but the checkpoint with a different 'char' tokenizer"):
+        train(tiny_config(f"init_from={tmp_path / 'pre' / 'ckpt.pt'}", f"data_dir={other}"))
