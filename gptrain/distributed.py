@@ -45,6 +45,7 @@ def init_distributed(info: DistInfo, backend: str, device: torch.device) -> None
 
 def teardown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
+        dist.barrier()  # let rank 0 finish its last save before any rank tears the group down
         dist.destroy_process_group()
 
 

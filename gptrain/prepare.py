@@ -1,0 +1,576 @@
+"""`gptrain prepare`: turn a text corpus into train.bin / val.bin token files plus metadata.
+
+The pipeline, one function each:
+  documents from a source (text files, JSON lines, Parquet, a `datasets` directory or a hub dataset)
+  -> split into train / val -> chunks of ~4 MB of text -> tokenized by worker processes -> appended
+  in order to train.bin.tmp / val.bin.tmp -> renamed, then meta.pkl and last meta.json written.
+
+The .bin files are raw token ids (uint16 when the vocabulary fits, else uint32), no header, the
+layout nanoGPT reads. Memory stays bounded: the corpus is read lazily and only a few chunks are in
+flight at once. Since meta.json comes last, a directory with meta.json is a finished dataset. An
+interrupted run leaves its .tmp files and a progress record; the next run with the same settings
+resumes from there, one with other settings starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import errno
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import pickle
+import random
+import shutil
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from gptrain.tokenizer import CharTokenizer, Tokenizer, TokenizerError, from_meta, get_tokenizer
+
+CHUNK_CHARS = 4 << 20  # text per worker task: large enough to amortize pickling, small enough for RAM
+PIECE_BYTES = 1 << 20  # a large text file is read and tokenized in pieces of about this size
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+SPLITS = ("train", "val")
+PROGRESS = "prepare-progress.json"  # in --out_dir while a run is unfinished: how far its .tmp files are valid
+CHECKPOINT_SECONDS = 10.0  # how often that record is updated (each time costs an fsync)
+
+# A document is an iterable of text pieces (one string, or a large file read piece by piece).
+Document = Iterable[str]
+
+
+class PrepareError(Exception):
+    """A problem with the user's input or environment; `main` prints it as one line and exits 2."""
+
+
+@dataclass
+class Corpus:
+    description: str  # recorded in metadata and used in messages
+    documents: Callable[[], Iterator[Document]]  # a fresh pass over the corpus each call
+    single_file: Path | None = None  # one text file: hold out its tail rather than whole documents
+    num_docs: int | None = None  # for the progress bar, when the source knows it
+    text_bytes: int | None = None  # rough size of the text, for the disk-space check
+    version: str = ""  # changes when local files change, so a stale partial run is not resumed
+
+
+def _files_version(paths: Iterable[Path]) -> str:
+    return json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gptrain prepare",
+        description="Tokenize a corpus into train.bin / val.bin / meta.json / meta.pkl in --out_dir.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--input", help="a local .txt, .jsonl or .parquet file, a directory of them, or a datasets save_to_disk dir"
+    )
+    source.add_argument("--dataset", help="a Hugging Face hub dataset name, e.g. Skylion007/openwebtext")
+    p.add_argument("--config", help="the hub dataset's configuration name, if it has several")
+    p.add_argument("--split", default="train", help="which split of the dataset to read (default: train)")
+    p.add_argument("--text_column", default="text", help="the column or JSON field holding the text (default: text)")
+    p.add_argument("--streaming", action="store_true", help="stream the hub dataset instead of downloading it first")
+    p.add_argument("--cache_dir", help="where the datasets library caches hub downloads (default: its own)")
+    p.add_argument("--out_dir", required=True, help="directory for train.bin, val.bin, meta.json and meta.pkl")
+    p.add_argument(
+        "--tokenizer", default="gpt2", help="gpt2, char (from the corpus), bpe (trained on it) or hf:NAME_OR_PATH"
+    )
+    p.add_argument("--vocab_size", type=int, default=8192, help="vocabulary size for --tokenizer bpe (default: 8192)")
+    p.add_argument(
+        "--dtype", choices=("auto", "uint16", "uint32"), default="auto",
+        help="token id type; auto picks uint16 when the vocabulary fits in 65536 ids",
+    )
+    p.add_argument(
+        "--val_fraction", type=float, default=0.1,
+        help="share held out for validation: the tail of a single text file, else a random share of documents",
+    )
+    p.add_argument("--seed", type=int, default=2357, help="seed for choosing the validation documents")
+    p.add_argument("--max_docs", type=int, help="read only the first N documents, for a quick subset")
+    p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild even if --out_dir holds a finished dataset")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: each yields documents lazily, so no source is ever held in memory whole.
+
+
+def _text_pieces(path: Path, start: int = 0, end: int | None = None) -> Iterator[str]:
+    """Yield bytes [start, end) of a UTF-8 file as text pieces of about PIECE_BYTES.
+
+    Pieces are cut after a newline with non-space on both sides: there GPT-2-style pre-tokenizers
+    split anyway, so tokenizing piece by piece gives the same ids as tokenizing the whole file.
+    """
+    end = path.stat().st_size if end is None else end
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry = ""
+    with open(path, "rb") as f:
+        f.seek(start)
+        offset = start
+        while offset < end:
+            block = f.read(min(PIECE_BYTES, end - offset))
+            offset += len(block)
+            try:
+                text = carry + decoder.decode(block, final=offset >= end)
+            except UnicodeDecodeError:
+                raise PrepareError(f"{path}: invalid UTF-8 in the bytes before offset {offset}") from None
+            cut = len(text) if offset >= end else _safe_cut(text)
+            if cut:
+                yield text[:cut]
+            carry = text[cut:]
+
+
+def _safe_cut(text: str) -> int:
+    """Index just after the last newline flanked by non-space characters, or 0 if there is none."""
+    i = text.rfind("\n")
+    while i > 0 and (text[i - 1].isspace() or i + 1 == len(text) or text[i + 1].isspace()):
+        i = text.rfind("\n", 0, i)
+    return max(i + 1, 0)
+
+
+def _jsonl_documents(path: Path, column: str) -> Iterator[Document]:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[column]
+            except ValueError as e:  # also UnicodeDecodeError
+                raise PrepareError(f"{path}:{lineno}: not valid UTF-8 JSON ({e})") from None
+            except (KeyError, TypeError):
+                raise PrepareError(f"{path}:{lineno}: no {column!r} field (set --text_column)") from None
+            yield (_check_text(text, f"{path}:{lineno}"),)
+
+
+def _parquet_documents(path: Path, column: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path)
+    if column not in table.schema_arrow.names:
+        raise PrepareError(f"{path}: no {column!r} column (has {table.schema_arrow.names}; set --text_column)")
+    for batch in table.iter_batches(columns=[column], batch_size=1024):
+        try:
+            texts = batch.column(0).to_pylist()
+        except UnicodeDecodeError:
+            raise PrepareError(f"{path}: invalid UTF-8 in column {column!r}") from None
+        for text in texts:
+            yield (_check_text(text, str(path)),)
+
+
+def _dataset_documents(ds, column: str) -> Iterator[Document]:
+    for batch in ds.select_columns([column]).iter(batch_size=1024):
+        for text in batch[column]:
+            yield (_check_text(text, "dataset"),)
+
+
+def _check_text(text, where: str) -> str:
+    if isinstance(text, bytes):
+        try:
+            return text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PrepareError(f"{where}: invalid UTF-8 text") from None
+    if not isinstance(text, str):
+        raise PrepareError(f"{where}: expected text, found {type(text).__name__}")
+    return text
+
+
+def _file_documents(paths: list[Path], column: str) -> Iterator[Document]:
+    """Documents of local files: a whole .txt file each, or one per JSON line / Parquet row."""
+    for path in paths:
+        if path.suffix == ".txt":
+            if path.stat().st_size:
+                yield _text_pieces(path)
+        elif path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, column)
+        else:
+            yield from _parquet_documents(path, column)
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise PrepareError("reading datasets needs the datasets library: pip install 'gptrain[data]'") from None
+    return datasets
+
+
+def _dataset_corpus(ds, description: str, column: str, version: str = "") -> Corpus:
+    if ds.column_names is not None and column not in ds.column_names:
+        raise PrepareError(f"{description} has no {column!r} column (has {ds.column_names}; set --text_column)")
+    num_docs = len(ds) if hasattr(ds, "__len__") else None
+    size = ds.data.nbytes if hasattr(ds, "data") else ds.info.dataset_size
+    documents = lambda: _dataset_documents(ds, column)  # noqa: E731
+    return Corpus(description, documents, num_docs=num_docs, text_bytes=size, version=version)
+
+
+def open_corpus(args: argparse.Namespace) -> Corpus:
+    """Resolve --input / --dataset into a Corpus, failing early on paths or columns that do not exist."""
+    if args.dataset:
+        datasets = _import_datasets()
+        try:
+            ds = datasets.load_dataset(
+                args.dataset, args.config, split=args.split, streaming=args.streaming, cache_dir=args.cache_dir,
+                num_proc=None if args.streaming else args.num_proc,
+            )
+        except Exception as e:  # the hub raises many types; the user needs the name and the reason
+            raise PrepareError(f"cannot load dataset {args.dataset!r}: {str(e).splitlines()[0]}") from None
+        return _dataset_corpus(ds, args.dataset, args.text_column)
+
+    path = Path(args.input)
+    if not path.exists():
+        raise PrepareError(f"--input {path} does not exist")
+    if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
+        ds = _import_datasets().load_from_disk(str(path))
+        if hasattr(ds, "keys"):  # a DatasetDict saved whole
+            if args.split not in ds:
+                raise PrepareError(f"{path} has no split {args.split!r} (has {list(ds)}; set --split)")
+            ds = ds[args.split]
+        return _dataset_corpus(ds, str(path), args.text_column, _files_version(sorted(path.rglob("*.arrow"))))
+
+    if path.is_dir():
+        paths = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+        if not paths:
+            raise PrepareError(f"{path} holds no {', '.join(TEXT_SUFFIXES)} files")
+    elif path.suffix in TEXT_SUFFIXES:
+        paths = [path]
+    else:
+        raise PrepareError(f"--input {path}: expected a {', '.join(TEXT_SUFFIXES)} file or a directory")
+    single = paths[0] if len(paths) == 1 and paths[0].suffix == ".txt" else None
+    size = sum(p.stat().st_size for p in paths)
+    documents = lambda: _file_documents(paths, args.text_column)  # noqa: E731
+    return Corpus(str(path), documents, single_file=single, text_bytes=size, version=_files_version(paths))
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting and chunking, both deterministic so that a resumed run sees the same chunks.
+
+
+def split_documents(
+    corpus: Corpus, val_fraction: float, seed: int, max_docs: int | None
+) -> Iterator[tuple[str, Document]]:
+    """Yield (split, document) pairs.
+
+    A single text file keeps nanoGPT's shakespeare layout: the first (1 - val_fraction) of its bytes
+    is one training document, the rest one validation document. Otherwise each document goes to val
+    with probability val_fraction (seeded); the first document always goes to val and the second to
+    train, so both splits exist even for a streamed corpus of unknown length.
+    """
+    if corpus.single_file is not None:
+        path = corpus.single_file
+        size = path.stat().st_size
+        cut = int(size * (1 - val_fraction))
+        with open(path, "rb") as f:  # move the cut off UTF-8 continuation bytes
+            f.seek(cut)
+            cut += len(list(itertools.takewhile(lambda b: b & 0xC0 == 0x80, f.read(4))))
+        yield "train", _text_pieces(path, 0, cut)
+        yield "val", _text_pieces(path, cut, size)
+        return
+    rng = random.Random(seed)
+    for i, doc in enumerate(itertools.islice(corpus.documents(), max_docs)):
+        held_out = rng.random() < val_fraction
+        yield ("val" if i == 0 or (i > 1 and held_out) else "train"), doc
+
+
+def _chunks(docs: Iterable[tuple[str, Document]]) -> Iterator[list[tuple[str, str, bool]]]:
+    """Group documents into lists of (split, text piece, ends_document) holding ~CHUNK_CHARS of text."""
+    chunk, size = [], 0
+    for split, doc in docs:
+        pieces = (piece for piece in doc if piece)  # an empty document carries nothing, not even an eot
+        piece = next(pieces, None)
+        while piece is not None:
+            following = next(pieces, None)
+            chunk.append((split, piece, following is None))
+            size += len(piece)
+            if size >= CHUNK_CHARS:
+                yield chunk
+                chunk, size = [], 0
+            piece = following
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing in worker processes; the main process appends their results in order.
+
+_worker: dict = {}  # each worker process's tokenizer and output dtype, set by _init_worker
+
+
+def _init_worker(tokenizer_meta: dict, dtype: str, parent: int) -> None:
+    _worker["tokenizer"] = from_meta(tokenizer_meta)
+    _worker["dtype"] = dtype
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Idle workers of a killed (SIGKILL) run would wait forever on their queue; end them instead."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
+def _tokenize_chunk(chunk: list[tuple[str, str, bool]]) -> tuple[dict, dict[str, np.ndarray]]:
+    """Per split: the counts, and the ids with an end-of-text after each document."""
+    tokenizer = _worker["tokenizer"]
+    eot = np.array([] if tokenizer.eot_id is None else [tokenizer.eot_id], dtype=np.uint32)
+    parts = {split: [eot[:0]] for split in SPLITS}
+    stats = {split: {"tokens": 0, "documents": 0, "text_bytes": 0} for split in SPLITS}
+    for split, text, ends_document in chunk:
+        parts[split].append(tokenizer.encode_to_numpy(text))
+        stats[split]["text_bytes"] += len(text.encode("utf-8"))
+        if ends_document:
+            parts[split].append(eot)
+            stats[split]["documents"] += 1
+    ids = {split: np.concatenate(parts[split]).astype(_worker["dtype"]) for split in SPLITS}
+    for split in SPLITS:
+        stats[split]["tokens"] = len(ids[split])
+    return stats, ids
+
+
+def _write_atomic(path: Path, write: Callable) -> None:
+    """Write via a temporary name, fsync, then rename: `path` exists only when complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class PartialOutput:
+    """`train.bin.tmp` and `val.bin.tmp` being appended to, and a progress record to resume from.
+
+    Every CHECKPOINT_SECONDS the .tmp files are fsynced and then the record (chunks done, counts) is
+    replaced atomically, so it never claims data that is not on disk. A later run with the same
+    settings truncates the files to what the record says and carries on from the next chunk.
+    """
+
+    def __init__(self, out_dir: Path, fingerprint: str, itemsize: int):
+        self.out_dir, self.fingerprint, self.itemsize = out_dir, fingerprint, itemsize
+        self.paths = {split: out_dir / f"{split}.bin.tmp" for split in SPLITS}
+        state = json.loads((out_dir / PROGRESS).read_text()) if (out_dir / PROGRESS).exists() else {}
+        if state and (state["fingerprint"] != fingerprint or not self._on_disk(state["stats"])):
+            print(f"discarding the partial run in {out_dir}: other settings or missing files", file=sys.stderr)
+            state = {}
+        self.chunks = state.get("chunks", 0)
+        self.stats = state.get("stats") or {split: {"tokens": 0, "documents": 0, "text_bytes": 0} for split in SPLITS}
+        self.files, self.digests = {}, {}
+        for split, path in self.paths.items():
+            f = open(path, "r+b" if self.chunks else "w+b")
+            f.truncate(self.stats[split]["tokens"] * itemsize)
+            self.digests[split] = hashlib.sha256()
+            for block in iter(lambda: f.read(1 << 24), b""):  # the checksum covers the kept part too
+                self.digests[split].update(block)
+            self.files[split] = f
+        if self.chunks:
+            print(f"resuming after {self.chunks} chunks already tokenized in {out_dir}", file=sys.stderr)
+        self.saved_at = time.monotonic()
+
+    def _on_disk(self, stats: dict) -> bool:
+        return all(
+            path.exists() and path.stat().st_size >= stats[split]["tokens"] * self.itemsize
+            for split, path in self.paths.items()
+        )
+
+    def append(self, stats: dict, ids: dict[str, np.ndarray]) -> None:
+        for split in SPLITS:
+            data = ids[split].tobytes()
+            self.files[split].write(data)
+            self.digests[split].update(data)
+        # Counts change only after the bytes are written; an interruption in between leaves
+        # extra bytes that the next run truncates away.
+        self.stats = {split: {k: v + stats[split][k] for k, v in self.stats[split].items()} for split in SPLITS}
+        self.chunks += 1
+        if time.monotonic() - self.saved_at >= CHECKPOINT_SECONDS:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        record = {"fingerprint": self.fingerprint, "chunks": self.chunks, "stats": self.stats}
+        _write_atomic(self.out_dir / PROGRESS, lambda f: f.write(json.dumps(record).encode()))
+        self.saved_at = time.monotonic()
+
+    def finish(self) -> dict:
+        """Close the files; return each split's counts and sha256."""
+        self.checkpoint()
+        for f in self.files.values():
+            f.close()
+        return {split: {**self.stats[split], "sha256": self.digests[split].hexdigest()} for split in SPLITS}
+
+
+def tokenize(
+    chunks: Iterable[list], tokenizer: Tokenizer, dtype: str, num_proc: int, output: PartialOutput,
+    total_docs: int | None,
+) -> None:
+    """Tokenize chunks on `num_proc` processes into `output`, in order, skipping those it already holds."""
+    done_docs = sum(s["documents"] for s in output.stats.values())
+    tokens = 0
+
+    def collect(stats: dict, ids: dict) -> None:
+        nonlocal tokens
+        output.append(stats, ids)
+        tokens += sum(s["tokens"] for s in stats.values())
+        bar.update(sum(s["documents"] for s in stats.values()))
+        bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.2f}M tok/s")
+
+    # On Linux, fork: workers start at once and inherit tables the tokenizer builds lazily (GPT-2's
+    # BPE ranks, built here by a first encode); spawn would re-import and rebuild them in every
+    # worker, about 0.5 s of CPU each. Elsewhere fork is unsafe or missing, so spawn.
+    tokenizer.encode("")
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with tqdm(total=total_docs, initial=done_docs, unit="doc", desc="tokenizing", dynamic_ncols=True) as bar, \
+            ProcessPoolExecutor(num_proc, context, _init_worker, (tokenizer.meta(), dtype, os.getpid())) as pool:
+        in_flight: deque = deque()  # bounded, so a fast reader cannot pile the corpus up in memory
+        for chunk in itertools.islice(chunks, output.chunks, None):
+            in_flight.append(pool.submit(_tokenize_chunk, chunk))
+            if len(in_flight) >= 2 * num_proc:
+                collect(*in_flight.popleft().result())
+        while in_flight:
+            collect(*in_flight.popleft().result())
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run.
+
+
+def _choose_dtype(vocab_size: int, requested: str) -> str:
+    fits16 = vocab_size <= 1 << 16
+    if requested == "uint16" and not fits16:
+        raise PrepareError(f"a vocabulary of {vocab_size} ids does not fit --dtype uint16 (at most 65536)")
+    if vocab_size > 1 << 32:
+        raise PrepareError(f"a vocabulary of {vocab_size} ids does not fit uint32")
+    return "uint16" if requested == "auto" and fits16 else ("uint32" if requested == "auto" else requested)
+
+
+def _check_disk(out_dir: Path, corpus: Corpus, tokenizer: Tokenizer, itemsize: int, max_docs: int | None) -> None:
+    """Refuse to start when the output clearly will not fit (estimate: a token per 3 bytes of text, 1 for char)."""
+    if corpus.text_bytes is None or (max_docs is not None and corpus.num_docs is None):
+        return
+    share = 1.0 if max_docs is None else min(1.0, max_docs / max(corpus.num_docs, 1))
+    need = corpus.text_bytes * share / (1 if tokenizer.name == "char" else 3) * itemsize * 1.1
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        raise PrepareError(f"{out_dir} has {free / 1e9:.1f} GB free; the output needs about {need / 1e9:.1f} GB")
+
+
+def _build_tokenizer(args: argparse.Namespace, corpus: Corpus) -> Tokenizer:
+    """The tokenizer; char reads every split (all characters must encode), bpe trains on train only."""
+    def texts(splits: tuple[str, ...]) -> Iterator[str]:
+        for split, doc in split_documents(corpus, args.val_fraction, args.seed, args.max_docs):
+            if split in splits:
+                yield from doc
+
+    if args.tokenizer == "char":
+        return get_tokenizer("char", texts(SPLITS))
+    if args.tokenizer == "bpe":
+        print(f"training a {args.vocab_size}-token byte-level BPE on the training split", file=sys.stderr)
+        return get_tokenizer("bpe", texts(("train",)), vocab_size=args.vocab_size)
+    return get_tokenizer(args.tokenizer)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    problems = []
+    if not 0 < args.val_fraction < 1:
+        problems.append(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.num_proc is None or args.num_proc < 1:
+        problems.append(f"--num_proc must be at least 1, got {args.num_proc}")
+    if args.max_docs is not None and args.max_docs < 1:
+        problems.append(f"--max_docs must be at least 1, got {args.max_docs}")
+    if problems:
+        raise PrepareError("; ".join(problems))
+
+
+def prepare(args: argparse.Namespace) -> dict | None:
+    """Run `gptrain prepare`; return the metadata written, or None when the output was already finished."""
+    _check_args(args)
+    out_dir = Path(args.out_dir)
+    if (out_dir / "meta.json").exists() or (out_dir / "meta.pkl").exists():
+        if not args.overwrite:
+            print(f"{out_dir} already holds a finished dataset; pass --overwrite to rebuild it")
+            return None
+        for name in ("meta.json", "meta.pkl"):  # from here on the old files no longer look finished
+            (out_dir / name).unlink(missing_ok=True)
+
+    corpus = open_corpus(args)
+    tokenizer = _build_tokenizer(args, corpus)
+    dtype = _choose_dtype(tokenizer.vocab_size, args.dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_disk(out_dir, corpus, tokenizer, np.dtype(dtype).itemsize, args.max_docs)
+
+    # Partial output is reusable only by a run that would cut and tokenize the corpus identically.
+    settings = {
+        "source": corpus.description, "version": corpus.version, "split": args.split, "config": args.config,
+        "text_column": args.text_column,
+        "val_fraction": args.val_fraction, "seed": args.seed, "max_docs": args.max_docs, "dtype": dtype,
+        "chunk_chars": CHUNK_CHARS, "piece_bytes": PIECE_BYTES, "tokenizer": tokenizer.meta(),
+    }
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    output = PartialOutput(out_dir, fingerprint, np.dtype(dtype).itemsize)
+    chunks = _chunks(split_documents(corpus, args.val_fraction, args.seed, args.max_docs))
+    total_docs = corpus.num_docs if args.max_docs is None else min(args.max_docs, corpus.num_docs or args.max_docs)
+    tokenize(chunks, tokenizer, dtype, args.num_proc, output, total_docs)
+    totals = output.finish()
+    if totals["train"]["tokens"] + totals["val"]["tokens"] == 0:
+        raise PrepareError(f"{corpus.description} holds no text")
+    for split in SPLITS:
+        if totals[split]["tokens"] == 0:
+            raise PrepareError(f"the {split} split is empty: {corpus.description} has too little text or documents")
+
+    meta = {
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype,
+        "eot_id": tokenizer.eot_id,
+        "tokenizer": tokenizer.meta(),
+        "train": totals["train"],
+        "val": totals["val"],
+        "source": corpus.description,
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+        "max_docs": args.max_docs,
+    }
+    pickled = dict(meta)
+    if isinstance(tokenizer, CharTokenizer):  # the keys nanoGPT's sample.py looks for
+        pickled.update(stoi=tokenizer.stoi, itos=dict(enumerate(tokenizer.chars)))
+    # Data first, meta.json last: whoever sees meta.json can trust everything it describes.
+    for split in SPLITS:
+        os.replace(out_dir / f"{split}.bin.tmp", out_dir / f"{split}.bin")
+    if "tokenizer_json" in meta["tokenizer"]:  # a trained or hub tokenizer, also beside the data for other tools
+        _write_atomic(out_dir / "tokenizer.json", lambda f: f.write(meta["tokenizer"]["tokenizer_json"].encode()))
+    _write_atomic(out_dir / "meta.pkl", lambda f: pickle.dump(pickled, f))
+    _write_atomic(out_dir / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    (out_dir / PROGRESS).unlink()
+    for split in SPLITS:
+        tokens, documents = totals[split]["tokens"], totals[split]["documents"]
+        print(f"{split}: {tokens:,} tokens, {documents:,} documents -> {out_dir / split}.bin")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        prepare(args)
+    except (PrepareError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"error: out of disk space in {args.out_dir}; free some and re-run to resume", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
