@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from gptrain.config import GPTConfig
+
 # Wrappers that prefix parameter names: torch.compile (_orig_mod.) and DistributedDataParallel (module.).
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -30,6 +32,9 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a checkpoint is shared like any output
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -64,3 +69,12 @@ def clean_state_dict(state_dict: dict) -> dict:
             key = key.split(".", 1)[1]
         cleaned[key] = value
     return cleaned
+
+
+def model_config_from(checkpoint: dict, **overrides) -> GPTConfig:
+    """The model's shape as a checkpoint records it (ours: model_config; nanoGPT's: model_args)."""
+    saved = checkpoint.get("model_config") or checkpoint.get("model_args")
+    if saved is None:
+        raise CheckpointError("the checkpoint does not record the model's shape (model_config)")
+    known = GPTConfig.__dataclass_fields__
+    return GPTConfig(**{**{k: v for k, v in saved.items() if k in known}, **overrides})

@@ -16,8 +16,10 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in SUBCOMMANDS:
         usage = "\n".join(f"  {name:<10} {help}" for name, (_, help) in SUBCOMMANDS.items())
-        print(f"usage: gptrain <command> [args]\n\ncommands:\n{usage}\n\n'gptrain <command> --help' for details")
-        sys.exit(0 if args and args[0] in ("-h", "--help") else 2)
+        asked = bool(args) and args[0] in ("-h", "--help")
+        print(f"usage: gptrain <command> [args]\n\ncommands:\n{usage}\n\n'gptrain <command> --help' for details",
+              file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
     module = importlib.import_module(SUBCOMMANDS[args[0]][0])  # import only what this command needs
     module.main(args[1:])
 

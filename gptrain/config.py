@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 DEFAULT_YAML = Path(__file__).resolve().parent.parent / "config" / "default.yaml"
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -99,8 +100,14 @@ class TrainConfig(GPTConfig):
             problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
         if self.vocab_size is not None and self.vocab_size <= 0:
             problems.append(f"vocab_size must be > 0 or null (got {self.vocab_size})")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            problems.append(f"dtype must be auto, float32, bfloat16 or float16 (got '{self.dtype}')")
+        if self.dtype not in DTYPE_NAMES:
+            problems.append(f"dtype must be one of {', '.join(DTYPE_NAMES)} (got '{self.dtype}')")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            problems.append(f"beta1 and beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
+        if self.init_from not in ("scratch", "resume") and not Path(self.init_from).is_file():
+            problems.append(f"init_from must be scratch, resume or the path of a checkpoint file (got '{self.init_from}')")
+        if self.backend not in ("nccl", "gloo"):
+            problems.append(f"backend must be nccl or gloo (got '{self.backend}')")
         if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
             problems.append(f"device must be auto, cpu, cuda, cuda:N or mps (got '{self.device}')")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
@@ -123,7 +130,7 @@ def _coerce(value: Any, declared: Any) -> Any:
 
 
 def _type_name(declared: Any) -> str:
-    return getattr(declared, "__name__", None) or str(declared).replace("typing.", "")
+    return "int or null" if declared == Optional[int] else declared.__name__
 
 
 def load_config(args: list[str], default_yaml: Path | None = DEFAULT_YAML) -> TrainConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,19 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def read_meta(data_dir: str | Path) -> dict:
-    """meta.json (or, for data prepared by nanoGPT, meta.pkl) of a prepared data directory."""
+    """meta.json of a prepared data directory; for one prepared by nanoGPT, what its files imply."""
     data_dir = Path(data_dir)
     if (data_dir / "meta.json").is_file():
         return json.loads((data_dir / "meta.json").read_text())
     if (data_dir / "meta.pkl").is_file():
         with open(data_dir / "meta.pkl", "rb") as f:
-            return _PlainUnpickler(f).load()
+            meta = _PlainUnpickler(f).load()
+        if "tokenizer" not in meta and "itos" in meta:  # nanoGPT's character-level datasets
+            meta["tokenizer"] = {"name": "char", "chars": "".join(meta["itos"][i] for i in range(len(meta["itos"])))}
+        return meta
+    if (data_dir / "train.bin").is_file():  # nanoGPT writes no metadata for its GPT-2 datasets
+        print(f"note: {data_dir} has no meta.json; reading it as GPT-2 tokens (uint16)", file=sys.stderr)
+        return {"vocab_size": 50257, "dtype": "uint16", "tokenizer": {"name": "gpt2"}, "eot_id": 50256}
     raise DataError(f"no meta.json in {data_dir}: run `gptrain prepare --out_dir {data_dir} ...` first")
 
 
@@ -36,7 +43,11 @@ def open_tokens(data_dir: str | Path, split: str, meta: dict) -> np.memmap:
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise DataError(f"{path} not found: run `gptrain prepare --out_dir {data_dir} ...` first")
-    return np.memmap(path, dtype=np.dtype(meta.get("dtype", "uint16")), mode="r")
+    tokens = np.memmap(path, dtype=np.dtype(meta.get("dtype", "uint16")), mode="r")
+    expected = meta.get(split, {}).get("tokens")
+    if expected is not None and len(tokens) != expected:  # truncated, or overwritten by another run
+        raise DataError(f"{path} holds {len(tokens):,} tokens but meta.json says {expected:,}; prepare it again")
+    return tokens
 
 
 class BatchSampler:

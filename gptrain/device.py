@@ -29,9 +29,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name not in DTYPES:
-        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16 (got '{name}')")
+        # V100s and T4s only emulate bf16, slowly; they get float16 with a gradient scaler
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return DTYPES[name]
 
 

@@ -43,9 +43,12 @@ def init_distributed(info: DistInfo, backend: str, device: torch.device) -> None
     dist.init_process_group(backend=backend)
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, finished: bool) -> None:
+    """Leave the process group. After a clean finish, first wait for every rank (rank 0 may still be
+    saving); after an error, leave at once, so the error surfaces and torchrun stops the other ranks."""
     if info.enabled and dist.is_initialized():
-        dist.barrier()  # let rank 0 finish its last save before any rank tears the group down
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

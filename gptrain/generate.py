@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from gptrain import tokenizer as tokenizers
-from gptrain.checkpoint import CheckpointError, load_checkpoint
-from gptrain.config import ConfigError, GPTConfig
+from gptrain.checkpoint import CheckpointError, load_checkpoint, model_config_from
+from gptrain.config import DTYPE_NAMES, ConfigError
 from gptrain.device import autocast, resolve_device, resolve_dtype
 from gptrain.model import GPT, KVCache
 
@@ -72,36 +72,42 @@ def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperat
 
 
 class StreamDecoder:
-    """Turns tokens into text as they arrive, holding back a token that ends inside a UTF-8 character."""
+    """Turns tokens into text as they arrive.
+
+    Tokens are decoded together, not one by one: a byte-level token can end inside a UTF-8 character,
+    and SentencePiece-style decoders drop the leading space of a token decoded alone. Each call returns
+    what the text gained; a line break starts a fresh segment, so the work per token stays small.
+    """
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.pending = tokenizer, []
+        self.tokenizer, self.segment, self.printed = tokenizer, [], 0
 
     def push(self, token: int) -> str:
-        self.pending.append(token)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < 4:  # a UTF-8 character spans at most 4 tokens
+        self.segment.append(token)
+        text = self.tokenizer.decode(self.segment)
+        if text.endswith("\ufffd"):  # an incomplete character: wait for the rest of its bytes
             return ""
-        self.pending = []
-        return text
+        new, self.printed = text[self.printed:], len(text)
+        if text.endswith("\n"):
+            self.segment, self.printed = [], 0
+        return new
 
     def flush(self) -> str:
-        text, self.pending = self.tokenizer.decode(self.pending) if self.pending else "", []
-        return text
+        """Whatever is still held back (bytes of a character the sample ended inside)."""
+        return self.tokenizer.decode(self.segment)[self.printed:] if self.segment else ""
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[GPT, object]:
     """The model in eval mode and the tokenizer it was trained with, from a checkpoint alone."""
     checkpoint = load_checkpoint(path, map_location=device)
-    saved = checkpoint.get("model_config") or checkpoint.get("model_args")  # model_args: nanoGPT
-    if saved is None:
-        raise CheckpointError(f"{path} does not record the model's shape (model_config)")
-    model = GPT(GPTConfig(**{**{k: saved[k] for k in saved if k in GPTConfig.__dataclass_fields__}, "dropout": 0.0}))
+    model = GPT(model_config_from(checkpoint, dropout=0.0))
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
     meta = checkpoint.get("tokenizer")
-    if meta is None:
-        print("note: the checkpoint records no tokenizer; decoding with GPT-2's", file=sys.stderr)
+    if meta is None:  # e.g. a nanoGPT checkpoint: GPT-2's tokenizer is the only safe guess
+        if model.config.vocab_size < 50257:
+            raise CheckpointError(f"{path} records no tokenizer and its vocabulary is too small for GPT-2's")
+        print("note: the checkpoint records no tokenizer; using GPT-2's", file=sys.stderr)
         meta = {"name": "gpt2"}
     return model, tokenizers.from_meta(meta)
 
@@ -117,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=int, default=1, help="independent samples to draw")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES, help="precision; auto: bfloat16 on recent GPUs")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (slow; for checks)")
     return p
 
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         ids = tokenizer.encode(prompt) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
         if not ids:
             raise ConfigError("the prompt is empty and the tokenizer has no end-of-text token to start from; give --prompt")
-    except (ConfigError, CheckpointError, OSError) as e:
+    except (ConfigError, CheckpointError, tokenizers.TokenizerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     generator = torch.Generator(device=device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -14,8 +15,8 @@ from gptrain.distributed import DistInfo
 # Dense (no sparsity) bf16/fp16 tensor-core peak per GPU, TFLOP/s, from the vendors' datasheets.
 # Matched in order against torch.cuda.get_device_name(), so the more specific names come first.
 _PEAK_TFLOPS = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("A10G", 70.0), ("A10", 125.0), ("L40S", 362.0), ("L4", 121.0),
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+    ("B200", 2250.0), ("A100", 312.0), ("A10G", 70.0), ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
     ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0),
 ]
 
@@ -53,7 +54,7 @@ class MetricsLogger:
 
     def __init__(self, config: TrainConfig, info: DistInfo, resume: bool):
         self.active = info.is_main
-        self.history: list[dict] = []
+        self.history: deque[dict] = deque(maxlen=10_000)  # the latest records, for callers such as tests
         self.jsonl = self.tensorboard = self.wandb = None
         if not self.active:
             return
@@ -75,7 +76,9 @@ class MetricsLogger:
             return
         self.history.append(record)
         print(format_record(record), flush=True)
-        self.jsonl.write(json.dumps(record) + "\n")
+        # an fp16 overflow step has an infinite gradient norm; strict JSON has no Infinity, so null
+        finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}
+        self.jsonl.write(json.dumps(finite) + "\n")
         self.jsonl.flush()
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
         if self.tensorboard is not None:

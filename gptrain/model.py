@@ -1,7 +1,8 @@
 """The GPT-2 model, top to bottom, in one file.
 
 Parameter names and shapes match OpenAI's GPT-2 (wte, wpe, h.N.attn.c_attn, ...), so its weights map
-onto this model one to one. Nothing here knows about ranks, checkpoints or the training loop.
+onto this model one to one (the Hugging Face copy stores its Conv1D weights transposed). Nothing here
+knows about ranks, checkpoints or the training loop.
 """
 
 from __future__ import annotations

@@ -9,13 +9,13 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from gptrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gptrain.checkpoint import CheckpointError, load_checkpoint, model_config_from, save_checkpoint
 from gptrain.config import ConfigError, GPTConfig, TrainConfig, help_text, load_config
 from gptrain.device import autocast, resolve_device, resolve_dtype
 from gptrain.data import BatchSampler, DataError, open_tokens, read_meta
@@ -26,6 +26,7 @@ from gptrain.evaluate import estimate_loss
 from gptrain.metrics import MetricsLogger, peak_flops
 from gptrain.model import GPT
 from gptrain.optim import build_optimizer, lr_at
+
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss diverged); the message says where and what to try."""
@@ -53,6 +54,11 @@ class Run:
     best_val_loss: float = float("inf")
 
     @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step over all processes: the recipe's batch size."""
+        return self.config.batch_size * self.raw_model.config.block_size * self.config.gradient_accumulation_steps
+
+    @property
     def autocast(self):
         return autocast(self.device, self.dtype)
 
@@ -62,14 +68,17 @@ class Run:
         return tuple(t.to(self.device) for t in batch)
 
 
-def _model_config(config: TrainConfig, meta: dict, checkpoint: dict | None) -> GPTConfig:
+def _model_config(config: TrainConfig, meta: dict, checkpoint: dict | None, info: DistInfo) -> GPTConfig:
     """The checkpoint's shape when starting from one (only dropout may change), else the config's."""
     if checkpoint is None:
         vocab = config.vocab_size or -(-meta["vocab_size"] // 64) * 64  # a multiple of 64 is faster on GPUs
-        return GPTConfig(**{**asdict(config.model_config()), "vocab_size": vocab})
-    saved = checkpoint.get("model_config") or checkpoint.get("model_args")  # model_args: a nanoGPT checkpoint
-    known = {f.name for f in fields(GPTConfig)}
-    return GPTConfig(**{**{k: v for k, v in saved.items() if k in known}, "dropout": config.dropout})
+        return replace(config.model_config(), vocab_size=vocab)
+    model_config = model_config_from(checkpoint, dropout=config.dropout)
+    ignored = [f"{f.name}={getattr(config, f.name)}" for f in fields(GPTConfig)
+               if getattr(config, f.name) not in (getattr(model_config, f.name), None)]
+    if ignored:
+        print0(info, f"note: the checkpoint fixes the model's shape; ignoring {', '.join(ignored)}")
+    return model_config
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -85,14 +94,10 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def build(config: TrainConfig) -> Run:
-    info = dist_info()
+def build(config: TrainConfig, info: DistInfo) -> Run:
     device = resolve_device(config.device, info.local_rank, info.enabled)
     init_distributed(info, config.backend, device)
     dtype = resolve_dtype(config.dtype, device)
-    if config.gradient_accumulation_steps % info.world_size:
-        raise ConfigError(f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be divisible "
-                          f"by the number of processes ({info.world_size}) so the global batch stays the same")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
         torch.backends.cudnn.allow_tf32 = True
@@ -103,7 +108,7 @@ def build(config: TrainConfig) -> Run:
     if config.init_from != "scratch":
         path = Path(config.out_dir) / "ckpt.pt" if resume else Path(config.init_from)
         checkpoint = load_checkpoint(path, map_location=device)
-    model_config = _model_config(config, meta, checkpoint)
+    model_config = _model_config(config, meta, checkpoint, info)
     saved_tokenizer = checkpoint.get("tokenizer") if checkpoint else None
     if saved_tokenizer and meta.get("tokenizer") and saved_tokenizer != meta["tokenizer"]:
         raise DataError(f"{config.data_dir} was tokenized with '{meta['tokenizer']['name']}' but the checkpoint "
@@ -132,7 +137,8 @@ def build(config: TrainConfig) -> Run:
     )
     if resume:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run before was not float16
+            scaler.load_state_dict(checkpoint["scaler"])
         run.step = run.start_step = checkpoint["iter_num"]
         run.best_val_loss = checkpoint["best_val_loss"]
         run.train_batches.load_state_dict(checkpoint["data"])
@@ -143,9 +149,8 @@ def build(config: TrainConfig) -> Run:
         run.model = torch.compile(raw_model)
     run.model = apply_ddp(run.model, info, device)
 
-    tokens_per_step = config.batch_size * model_config.block_size * config.gradient_accumulation_steps
     print0(info, f"{raw_model.num_params() / 1e6:.2f}M parameters | device {device} | dtype {str(dtype)[6:]} | "
-                 f"{info.world_size} process(es) | {tokens_per_step:,} tokens per step "
+                 f"{info.world_size} process(es) | {run.tokens_per_step:,} tokens per step "
                  f"({config.batch_size} x {model_config.block_size} x {config.gradient_accumulation_steps} micro-batches)")
     if checkpoint is not None:
         print0(info, f"{'resuming' if resume else 'fine-tuning'} from {path} (iter {checkpoint.get('iter_num', 0)})")
@@ -220,19 +225,29 @@ def _check_finite(loss: float, run: Run, what: str) -> None:
 
 
 def train(config: TrainConfig) -> list[dict]:
-    """Run training to max_iters; returns the records that were logged (rank 0)."""
-    run = build(config)
+    """Run training to max_iters; returns the latest records that were logged (rank 0)."""
+    info = dist_info()
+    if config.gradient_accumulation_steps % info.world_size:
+        raise ConfigError(f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be divisible "
+                          f"by the number of processes ({info.world_size}) so the global batch stays the same")
+    run, finished = None, False
     try:
+        run = build(config, info)
         _loop(run)
+        finished = True
     finally:
-        run.logger.close()
-        teardown(run.info)
-    return run.logger.history
+        if run is not None:
+            run.logger.close()
+        teardown(info, finished)
+    return list(run.logger.history)
 
 
 def _loop(run: Run) -> None:
     config = run.config
-    tokens_per_step = config.batch_size * run.raw_model.config.block_size * config.gradient_accumulation_steps
+    if run.start_step >= config.max_iters and not config.eval_only:
+        print0(run.info, f"the checkpoint is at iter {run.start_step}, max_iters is {config.max_iters}: "
+                         f"nothing to train (raise max_iters to continue)")
+        return
     flops_per_token = run.raw_model.flops_per_token()
     peak = peak_flops(config, run.device, run.dtype)
     timer, timed_steps = time.perf_counter(), 0
@@ -263,7 +278,7 @@ def _loop(run: Run) -> None:
             record = {"step": run.step, "train/loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
             if run.step > run.start_step:  # the first step pays for compilation and warm-up
                 seconds = (time.perf_counter() - timer) / timed_steps
-                tokens_per_sec = tokens_per_step / seconds
+                tokens_per_sec = run.tokens_per_step / seconds
                 record |= {"ms_per_iter": 1000 * seconds, "tokens_per_sec": tokens_per_sec,
                            "mfu": flops_per_token * tokens_per_sec / (peak * run.info.world_size) if peak else None}
             run.logger.log(record)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -40,3 +42,12 @@ def test_loading_refuses_pickled_code(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_checkpoint_gets_the_usual_file_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"model": {}}, tmp_path / "ckpt.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o644

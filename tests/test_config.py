@@ -66,3 +66,13 @@ def test_cli_reports_a_bad_key_in_one_line_without_traceback():
     assert result.stderr.strip().splitlines() == [
         "error: unknown key 'batch_szie' in command line (did you mean 'batch_size'?)"
     ]
+
+
+def test_settings_that_would_fail_later_are_caught_at_start_up():
+    with pytest.raises(ConfigError) as e:
+        load_config(["beta1=1.5", "init_from=resum", "backend=mpi", "vocab_size=abc"])
+    assert str(e.value) == "vocab_size must be int or null, got 'abc' in command line"
+    with pytest.raises(ConfigError) as e:
+        load_config(["beta1=1.5", "init_from=resum", "backend=mpi"])
+    assert str(e.value) == ("beta1 and beta2 must be in [0, 1) (got 1.5, 0.95); init_from must be scratch, resume "
+                            "or the path of a checkpoint file (got 'resum'); backend must be nccl or gloo (got 'mpi')")

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from gptrain.checkpoint import load_checkpoint
-from gptrain.generate import generate_tokens
-from gptrain.generate import load_model
+from gptrain.generate import generate_tokens, load_model
 from gptrain.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

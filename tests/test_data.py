@@ -40,8 +40,9 @@ def test_too_little_data_for_a_block_is_a_clear_error():
 
 
 def test_meta_pkl_from_nanogpt_is_read_but_never_runs_code(tmp_path):
-    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "itos": {0: "a"}}))
-    assert read_meta(tmp_path)["vocab_size"] == 65
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 3, "itos": {0: "\n", 1: "a", 2: "b"}}))
+    meta = read_meta(tmp_path)
+    assert meta["vocab_size"] == 3 and meta["tokenizer"] == {"name": "char", "chars": "\nab"}
 
     class Payload:
         def __reduce__(self):
@@ -63,3 +64,18 @@ def test_prepared_tokens_open_with_their_recorded_dtype(char_data):
     meta = read_meta(char_data)
     tokens = open_tokens(char_data, "train", meta)
     assert tokens.dtype == np.uint16 and int(tokens.max()) < meta["vocab_size"]
+
+
+def test_nanogpt_gpt2_data_without_metadata_reads_as_gpt2(tmp_path, capsys):
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    meta = read_meta(tmp_path)
+    assert (meta["vocab_size"], meta["dtype"], meta["tokenizer"]) == (50257, "uint16", {"name": "gpt2"})
+    assert "no meta.json" in capsys.readouterr().err
+
+
+def test_a_token_file_that_disagrees_with_its_metadata_is_refused(tmp_path):
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    with pytest.raises(DataError, match="holds 100 tokens but meta.json says 200"):
+        open_tokens(tmp_path, "train", {"dtype": "uint16", "train": {"tokens": 200}})
+    with pytest.raises(DataError, match="holds 50 tokens"):  # uint16 data read as uint32
+        open_tokens(tmp_path, "train", {"dtype": "uint32", "train": {"tokens": 100}})

@@ -4,7 +4,7 @@ import torch
 from gptrain.config import GPTConfig
 from gptrain.generate import StreamDecoder, filter_logits, generate_tokens, main
 from gptrain.model import GPT
-from gptrain.tokenizer import get_tokenizer
+from gptrain.tokenizer import HFTokenizer, get_tokenizer
 from gptrain.train import train
 
 
@@ -59,13 +59,28 @@ def test_padded_vocabulary_is_never_sampled():
     assert int(tokens.max()) < 10
 
 
+def streamed(tok, ids: list[int]) -> list[str]:
+    decoder = StreamDecoder(tok)
+    return [decoder.push(t) for t in ids] + [decoder.flush()]
+
+
 def test_stream_decoder_waits_for_whole_utf8_characters():
     tok = get_tokenizer("gpt2")
-    text = "naïve café → 日本語 🙂!"
-    decoder = StreamDecoder(tok)
-    pieces = [decoder.push(t) for t in tok.encode(text)] + [decoder.flush()]
+    text = "naïve café → 日本語 🙂!\nsecond line"
+    pieces = streamed(tok, tok.encode(text))
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stream_decoder_keeps_sentencepiece_spaces():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    sp = Tokenizer(models.BPE())
+    sp.pre_tokenizer, sp.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()  # as Llama's tokenizers
+    sp.train_from_iterator(["hello world the quick brown fox"] * 20, trainers.BpeTrainer(vocab_size=60))
+    tok = HFTokenizer("hf:test", sp.to_str(), None)
+    ids = tok.encode("hello world the quick brown fox")
+    assert "".join(streamed(tok, ids)) == tok.decode(ids) == "hello world the quick brown fox"
 
 
 @pytest.fixture
@@ -101,3 +116,9 @@ def test_bad_arguments_are_one_line_errors(capsys, checkpoint, tmp_path):
     with pytest.raises(SystemExit):
         sample(capsys, checkpoint, "--top_p", "0")
     assert "0 < --top_p <= 1" in capsys.readouterr().err
+
+
+def test_a_prompt_outside_a_char_vocabulary_is_a_one_line_error(capsys, checkpoint):
+    with pytest.raises(SystemExit):
+        sample(capsys, checkpoint, "--prompt", "ROMEO: 日本")
+    assert capsys.readouterr().err.strip().startswith("error: character '日' is not in")

@@ -10,7 +10,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from gptrain.checkpoint import load_checkpoint
 from gptrain.data import DataError
-from gptrain.optim import lr_at
 from gptrain.prepare import main as prepare
 from gptrain.train import TrainingError, train
 
@@ -77,13 +76,6 @@ def test_divergence_stops_with_a_clear_error(tiny_config):
         train(tiny_config("learning_rate=1e6", "min_lr=0", "warmup_iters=0", "grad_clip=0", "max_iters=50"))
 
 
-def test_lr_schedule_warms_up_then_decays_to_min(tiny_config):
-    c = tiny_config("learning_rate=1.0", "min_lr=0.1", "warmup_iters=10", "lr_decay_iters=110", "max_iters=200")
-    assert lr_at(0, c) < lr_at(5, c) < lr_at(10, c) == pytest.approx(1.0, rel=1e-6)
-    assert lr_at(60, c) == pytest.approx(0.55)
-    assert lr_at(110, c) == lr_at(150, c) == 0.1
-
-
 def test_torchrun_ddp_on_two_cpu_processes(tiny_config, char_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
@@ -107,3 +99,15 @@ def test_fine_tuning_on_data_with_another_tokenizer_is_refused(tiny_config, tmp_
     prepare(["--input", str(text), "--tokenizer", "char", "--out_dir", str(other)])
     with pytest.raises(DataError, match="tokenized with 'char' but the checkpoint with a different 'char' tokenizer"):
         train(tiny_config(f"init_from={tmp_path / 'pre' / 'ckpt.pt'}", f"data_dir={other}"))
+
+
+def test_resume_with_float16_from_a_float32_run(tiny_config, tmp_path):
+    train(tiny_config("max_iters=4", "eval_interval=4"))
+    history = train(tiny_config("init_from=resume", "dtype=float16", "max_iters=6", "eval_interval=6"))
+    assert [r["step"] for r in history if "train/loss" in r] == [4, 5]
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(tiny_config, capsys):
+    train(tiny_config("max_iters=4", "eval_interval=4"))
+    assert train(tiny_config("init_from=resume", "max_iters=4")) == []
+    assert "the checkpoint is at iter 4, max_iters is 4: nothing to train" in capsys.readouterr().out
