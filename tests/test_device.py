@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from gptrain.config import ConfigError
+from gptrain.device import autocast, resolve_device, resolve_dtype
+
+
+def test_auto_picks_the_cpu_and_float32_without_an_accelerator(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    device = resolve_device("auto")
+    assert device == torch.device("cpu") and resolve_dtype("auto", device) == torch.float32
+
+
+def test_each_process_under_torchrun_takes_its_own_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("cuda", local_rank=3, distributed=True) == torch.device("cuda:3")
+
+
+def test_auto_dtype_on_gpus_without_native_bf16_is_float16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+
+
+def test_asking_for_a_missing_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="PyTorch sees no CUDA GPU; use device=cpu or device=auto"):
+        resolve_device("cuda")
+
+
+def test_float32_runs_without_autocast():
+    with autocast(torch.device("cpu"), torch.float32):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
