@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gptrain.tokenizer import GPT2Tokenizer
+
 
 class DataError(ValueError):
     """Missing or unusable prepared data; the message says what to run."""
@@ -35,7 +37,8 @@ def read_meta(data_dir: str | Path) -> dict:
         return meta
     if (data_dir / "train.bin").is_file():  # nanoGPT writes no metadata for its GPT-2 datasets
         print(f"note: {data_dir} has no meta.json; reading it as GPT-2 tokens (uint16)", file=sys.stderr)
-        return {"vocab_size": 50257, "dtype": "uint16", "tokenizer": {"name": "gpt2"}, "eot_id": 50256}
+        gpt2 = GPT2Tokenizer  # its class attributes: building the BPE itself is not needed here
+        return {"vocab_size": gpt2.vocab_size, "dtype": "uint16", "tokenizer": {"name": gpt2.name}, "eot_id": gpt2.eot_id}
     raise DataError(f"no meta.json in {data_dir}: run `gptrain prepare --out_dir {data_dir} ...` first")
 
 
@@ -78,3 +81,10 @@ class BatchSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = state["position"]
+
+
+def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Move a batch to `device`; on CUDA through pinned memory, so the copy overlaps with compute."""
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    return tuple(t.to(device) for t in batch)

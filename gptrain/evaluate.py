@@ -7,7 +7,7 @@ from contextlib import AbstractContextManager
 import torch
 import torch.nn as nn
 
-from gptrain.data import BatchSampler
+from gptrain.data import BatchSampler, to_device
 
 
 @torch.no_grad()
@@ -20,7 +20,7 @@ def estimate_loss(model: nn.Module, sampler: BatchSampler, iters: int, device: t
     sampler.load_state_dict({"position": 0})
     total = torch.zeros((), device=device)
     for _ in range(iters):
-        x, y = (t.to(device, non_blocking=True) for t in sampler.next_batch())
+        x, y = to_device(sampler.next_batch(), device)
         with autocast:
             _, loss = model(x, y)
         total += loss.float()

@@ -105,7 +105,7 @@ def load_model(path: str | Path, device: torch.device) -> tuple[GPT, object]:
     model.to(device).eval()
     meta = checkpoint.get("tokenizer")
     if meta is None:  # e.g. a nanoGPT checkpoint: GPT-2's tokenizer is the only safe guess
-        if model.config.vocab_size < 50257:
+        if model.config.vocab_size < tokenizers.GPT2Tokenizer.vocab_size:
             raise CheckpointError(f"{path} records no tokenizer and its vocabulary is too small for GPT-2's")
         print("note: the checkpoint records no tokenizer; using GPT-2's", file=sys.stderr)
         meta = {"name": "gpt2"}

@@ -18,7 +18,7 @@ import torch.nn as nn
 from gptrain.checkpoint import CheckpointError, load_checkpoint, model_config_from, save_checkpoint
 from gptrain.config import ConfigError, GPTConfig, TrainConfig, help_text, load_config
 from gptrain.device import autocast, resolve_device, resolve_dtype
-from gptrain.data import BatchSampler, DataError, open_tokens, read_meta
+from gptrain.data import BatchSampler, DataError, open_tokens, read_meta, to_device
 from gptrain.distributed import (
     DistInfo, apply_ddp, dist_info, gather_objects, init_distributed, mean_across_ranks, print0, teardown,
 )
@@ -61,11 +61,6 @@ class Run:
     @property
     def autocast(self):
         return autocast(self.device, self.dtype)
-
-    def to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
-            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
-        return tuple(t.to(self.device) for t in batch)
 
 
 def _model_config(config: TrainConfig, meta: dict, checkpoint: dict | None, info: DistInfo) -> GPTConfig:
@@ -183,7 +178,7 @@ def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `accum_steps` micro-batches; returns the mean loss and the gradient norm."""
     model, info = run.model, run.info
     total_loss = torch.zeros((), device=run.device)
-    x, y = run.to_device(run.train_batches.next_batch())
+    x, y = to_device(run.train_batches.next_batch(), run.device)
     for micro in range(run.accum_steps):
         last = micro == run.accum_steps - 1
         # DDP would all-reduce gradients after every backward; only the last micro-batch needs it.
@@ -193,7 +188,7 @@ def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
                 _, loss = model(x, y)
                 loss = loss / run.accum_steps
             if not last:  # fetch the next micro-batch while the GPU works on this one
-                x, y = run.to_device(run.train_batches.next_batch())
+                x, y = to_device(run.train_batches.next_batch(), run.device)
             run.scaler.scale(loss).backward()
         total_loss += loss.detach()
     run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
