@@ -17,6 +17,7 @@ from omegaconf.errors import ValidationError
 
 DEFAULT_YAML = Path(__file__).resolve().parent.parent / "config" / "default.yaml"
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+PARALLELISMS = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,8 @@ class TrainConfig(GPTConfig):
     dtype: str = setting("auto", "auto | float32 | bfloat16 | float16 (float16 uses a gradient scaler)")
     compile: bool = setting(True, "torch.compile the model (PyTorch 2.x)")
     backend: str = setting("nccl", "torch.distributed backend under torchrun for GPUs; CPU runs always use gloo")
+    parallelism: str = setting("ddp", "ddp (a full copy per process) | fsdp (parameters, gradients and optimizer state sharded)")
+    dist_timeout_s: int = setting(600, "seconds a collective waits for a process that died or hung before the run stops")
     seed: int = setting(1337, "seed for weights, data order and dropout")
     peak_tflops: float = setting(0.0, "the accelerator's peak TFLOP/s for MFU; 0 = look up the known GPUs")
 
@@ -108,6 +111,10 @@ class TrainConfig(GPTConfig):
             problems.append(f"init_from must be scratch, resume or the path of a checkpoint file (got '{self.init_from}')")
         if self.backend not in ("nccl", "gloo"):
             problems.append(f"backend must be nccl or gloo (got '{self.backend}')")
+        if self.parallelism not in PARALLELISMS:
+            problems.append(f"parallelism must be one of {', '.join(PARALLELISMS)} (got '{self.parallelism}')")
+        if self.dist_timeout_s <= 0:
+            problems.append(f"dist_timeout_s must be > 0 (got {self.dist_timeout_s})")
         if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
             problems.append(f"device must be auto, cpu, cuda, cuda:N or mps (got '{self.device}')")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:

@@ -54,33 +54,25 @@ def open_tokens(data_dir: str | Path, split: str, meta: dict) -> np.memmap:
 
 
 class BatchSampler:
-    """Random `block_size` windows from a token file, batch after batch.
+    """Random `block_size` windows from a token file.
 
-    Batch k is a pure function of (seed, rank, k), so the data position is one integer: saving it and
-    restoring it replays exactly the batches an uninterrupted run would have drawn.
+    Micro-batch `index` of optimizer step `step` is a pure function of (seed, step, index), whichever
+    process draws it: a run on any number of processes sees the same data, and the step number alone
+    is the data position that a checkpoint needs to replay it.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0):
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
         if len(tokens) <= block_size:
             raise DataError(f"{len(tokens)} tokens is too few for block_size {block_size}")
-        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
-        self.seed, self.rank = seed, rank
-        self.position = 0
+        self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
         self._offsets = np.arange(block_size + 1)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets, both (batch_size, block_size) int64 on the CPU."""
-        rng = np.random.default_rng([self.seed, self.rank, self.position])
-        self.position += 1
+        rng = np.random.default_rng([self.seed, step, index])
         starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
         windows = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
         return windows[:, :-1], windows[:, 1:]
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]
 
 
 def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:

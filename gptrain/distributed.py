@@ -1,13 +1,23 @@
-"""Everything that knows about ranks: torchrun's environment, process groups, DDP, rank-0 helpers."""
+"""Everything that knows about ranks: torchrun's environment, process groups, DDP and FSDP, stopping
+together on a signal, rank-0 helpers. The model itself never mentions any of it."""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from gptrain.config import ConfigError, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -15,6 +25,7 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    launched: bool = False  # under torchrun (even with one process), so there is a process group to join
 
     @property
     def is_main(self) -> bool:
@@ -29,54 +40,136 @@ def dist_info() -> DistInfo:
     """This process's place as torchrun describes it in RANK/WORLD_SIZE; a plain run is rank 0 of 1."""
     if "RANK" not in os.environ:
         return DistInfo()
-    return DistInfo(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), True)
 
 
-def init_distributed(info: DistInfo, backend: str, device: torch.device) -> None:
-    """Join the process group; NCCL only carries CUDA tensors, so a CPU run takes gloo whatever was asked."""
-    if not info.enabled:
+def check_parallelism(config: TrainConfig, info: DistInfo) -> None:
+    """What the process count decides, checked on every rank before any process group is joined."""
+    if config.gradient_accumulation_steps % info.world_size:
+        raise ConfigError(f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be divisible "
+                          f"by the number of processes ({info.world_size}) so the global batch stays the same")
+    if config.parallelism == "fsdp" and not info.launched:
+        raise ConfigError("parallelism=fsdp shards the model across processes: launch with torchrun "
+                          "(e.g. torchrun --standalone --nproc_per_node=2 train.py parallelism=fsdp)")
+    if config.parallelism == "fsdp" and config.dtype == "float16":
+        raise ConfigError("parallelism=fsdp takes dtype float32 or bfloat16: float16's gradient scaler "
+                          "does not agree across shards")
+
+
+def init_distributed(info: DistInfo, backend: str, device: torch.device, timeout_s: int) -> None:
+    """Join the process group. NCCL only carries CUDA tensors, so a CPU run takes gloo whatever was asked.
+    A collective that waits `timeout_s` for a process that died or hung raises instead of waiting forever."""
+    if not info.launched:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
-def teardown(info: DistInfo, finished: bool) -> None:
+def teardown(finished: bool) -> None:
     """Leave the process group. After a clean finish, first wait for every rank (rank 0 may still be
-    saving); after an error, leave at once, so the error surfaces and torchrun stops the other ranks."""
-    if info.enabled and dist.is_initialized():
+    writing); after an error, leave at once, so the error surfaces and torchrun stops the other ranks."""
+    if dist.is_initialized():
         if finished:
             dist.barrier()
         dist.destroy_process_group()
 
 
-def apply_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
-    """Wrap for data parallelism; DDP broadcasts rank 0's weights so every rank starts identical."""
+def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, device: torch.device,
+                dtype: torch.dtype) -> nn.Module:
+    """Compile, then wrap for data parallelism, in that order (torchtitan's). Returns the module the
+    loop calls; the parameters stay those of `model`, so checkpoints and the optimizer use it directly.
+
+    ddp: a full copy on every process; gradients are all-reduced.
+    fsdp: each block, then the rest (embeddings, head), is sharded over the processes (FSDP2);
+    a block's full weights exist only while it runs. Its precision policy replaces autocast:
+    weights are gathered in `dtype`, gradients reduced in float32.
+    """
+    if config.parallelism == "fsdp":
+        mesh = init_device_mesh(device.type, (info.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
+                                      reduce_dtype=torch.float32)
+        for block in model.transformer.h:
+            if config.compile:
+                block.compile()  # in place, per block: parameter names keep no _orig_mod. prefix
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)  # also moves each rank's shards to `device`
+        return model
+    model = model.to(device)
+    if config.compile:
+        model = torch.compile(model)
     if not info.enabled:
         return model
-    device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    # DDP broadcasts rank 0's weights, so every rank starts identical
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def gradient_sync(model: nn.Module, enabled: bool) -> AbstractContextManager:
+    """Whether the coming backward reduces gradients across processes: only the last micro-batch of a
+    step needs to, the others accumulate locally."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not enabled:
+        return model.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    return nullcontext()
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm; returns it as a plain tensor, also when the gradients are sharded."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def sum_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
 
 
 def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)  # SUM then divide: gloo has no AVG
-        value /= info.world_size
-    return value
+    return sum_across_ranks(value, info) / info.world_size  # SUM then divide: gloo has no AVG
+
+
+class StopRequest:
+    """SIGTERM or SIGUSR1, what SLURM and Kubernetes send before a kill, asks the run to stop cleanly:
+    every rank finishes its step, the ranks agree, the run checkpoints and exits 0.
+
+    Use as a context manager around the loop; it restores the previous handlers on exit.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, info: DistInfo, device: torch.device):
+        self.info = info
+        self.received: str | None = None
+        self._previous: dict = {}
+        # The flag crosses over gloo on the CPU, so asking every step never waits for the GPU.
+        self._group = dist.new_group(backend="gloo") if info.enabled and device.type != "cpu" else None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # Python only lets it set handlers
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        """True on every rank as soon as any rank has received a signal (a collective when distributed)."""
+        if not self.info.enabled:
+            return self.received is not None
+        flag = torch.tensor([int(self.received is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())
 
 
 def print0(info: DistInfo, *args, **kwargs) -> None:
     if info.is_main:
         print(*args, **kwargs, flush=True)
-
-
-def gather_objects(obj, info: DistInfo) -> list:
-    """Every rank's `obj`, in rank order, on every rank (e.g. RNG states for the checkpoint)."""
-    if not info.enabled:
-        return [obj]
-    gathered = [None] * info.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered

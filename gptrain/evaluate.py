@@ -8,21 +8,27 @@ import torch
 import torch.nn as nn
 
 from gptrain.data import BatchSampler, to_device
+from gptrain.distributed import DistInfo, sum_across_ranks
 
 
 @torch.no_grad()
 def estimate_loss(model: nn.Module, sampler: BatchSampler, iters: int, device: torch.device,
-                  autocast: AbstractContextManager) -> torch.Tensor:
-    """Mean loss over the sampler's first `iters` batches; the sampler is rewound first, so every
-    evaluation sees the same batches and successive figures compare like with like."""
+                  autocast: AbstractContextManager, info: DistInfo) -> float:
+    """Mean loss over the sampler's batches 0 .. iters-1, the same on every world size: rank r of W
+    takes batches r, r+W, ... and the sums are all-reduced. Every evaluation sees the same batches,
+    so successive figures compare like with like."""
     was_training = model.training
     model.eval()
-    sampler.load_state_dict({"position": 0})
     total = torch.zeros((), device=device)
-    for _ in range(iters):
-        x, y = to_device(sampler.next_batch(), device)
+    rounds = -(-iters // info.world_size)
+    for i in range(rounds):
+        index = info.rank + i * info.world_size
+        # Every rank runs as many forwards as the busiest one (FSDP gathers weights collectively);
+        # a rank past the last batch repeats one and leaves it out of the sum.
+        x, y = to_device(sampler.batch(0, min(index, iters - 1)), device)
         with autocast:
             _, loss = model(x, y)
-        total += loss.float()
+        if index < iters:
+            total += loss.float()
     model.train(was_training)
-    return total / iters
+    return sum_across_ranks(total, info).item() / iters

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from gptrain import tokenizer as tokenizers
-from gptrain.checkpoint import CheckpointError, load_checkpoint, model_config_from
+from gptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, model_config_from
 from gptrain.config import DTYPE_NAMES, ConfigError
 from gptrain.device import autocast, resolve_device, resolve_dtype
 from gptrain.model import GPT, KVCache
@@ -100,9 +100,9 @@ class StreamDecoder:
 def load_model(path: str | Path, device: torch.device) -> tuple[GPT, object]:
     """The model in eval mode and the tokenizer it was trained with, from a checkpoint alone."""
     checkpoint = load_checkpoint(path, map_location=device)
-    model = GPT(model_config_from(checkpoint, dropout=0.0))
-    model.load_state_dict(checkpoint["model"])
-    model.to(device).eval()
+    model = GPT(model_config_from(checkpoint, dropout=0.0)).to(device)
+    load_weights(model, checkpoint, path)
+    model.eval()
     meta = checkpoint.get("tokenizer")
     if meta is None:  # e.g. a nanoGPT checkpoint: GPT-2's tokenizer is the only safe guess
         if model.config.vocab_size < tokenizers.GPT2Tokenizer.vocab_size:

@@ -12,15 +12,17 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from gptrain.checkpoint import CheckpointError, load_checkpoint, model_config_from, save_checkpoint
+from gptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, model_config_from, save_checkpoint
 from gptrain.config import ConfigError, GPTConfig, TrainConfig, help_text, load_config
 from gptrain.device import autocast, resolve_device, resolve_dtype
 from gptrain.data import BatchSampler, DataError, open_tokens, read_meta, to_device
 from gptrain.distributed import (
-    DistInfo, apply_ddp, dist_info, gather_objects, init_distributed, mean_across_ranks, print0, teardown,
+    DistInfo, StopRequest, check_parallelism, clip_grad_norm, dist_info, gradient_sync, init_distributed,
+    mean_across_ranks, parallelize, print0, teardown,
 )
 from gptrain.evaluate import estimate_loss
 from gptrain.metrics import MetricsLogger, peak_flops
@@ -40,17 +42,18 @@ class Run:
     info: DistInfo
     device: torch.device
     dtype: torch.dtype
-    raw_model: GPT  # the bare model, whose state_dict is what checkpoints hold
-    model: nn.Module  # the same model, possibly compiled and wrapped in DDP
+    raw_model: GPT  # the model whose parameters are trained and saved (sharded in place under FSDP)
+    model: nn.Module  # what the loop calls: the same model, possibly compiled and wrapped in DDP
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     train_batches: BatchSampler
     eval_batches: dict[str, BatchSampler]
     tokenizer_meta: dict | None
     logger: MetricsLogger
-    accum_steps: int
+    stop: StopRequest
     step: int = 0
     start_step: int = 0
+    saved_step: int = 0
     best_val_loss: float = float("inf")
 
     @property
@@ -60,7 +63,8 @@ class Run:
 
     @property
     def autocast(self):
-        return autocast(self.device, self.dtype)
+        """FSDP casts the weights itself (its precision policy), so autocast is only for the others."""
+        return nullcontext() if self.config.parallelism == "fsdp" else autocast(self.device, self.dtype)
 
 
 def _model_config(config: TrainConfig, meta: dict, checkpoint: dict | None, info: DistInfo) -> GPTConfig:
@@ -76,22 +80,9 @@ def _model_config(config: TrainConfig, meta: dict, checkpoint: dict | None, info
     return model_config
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
 def build(config: TrainConfig, info: DistInfo) -> Run:
     device = resolve_device(config.device, info.local_rank, info.enabled)
-    init_distributed(info, config.backend, device)
+    init_distributed(info, config.backend, device, config.dist_timeout_s)
     dtype = resolve_dtype(config.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
@@ -111,41 +102,35 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
     if meta["vocab_size"] > model_config.vocab_size:
         raise DataError(f"the data's vocabulary ({meta['vocab_size']}) is larger than the model's ({model_config.vocab_size})")
 
-    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    # Every rank builds the same full model on the CPU, so initial weights never depend on the world
+    # size; parallelize() then keeps each rank's shard (FSDP) or a full copy (DDP) on the device.
+    torch.manual_seed(config.seed)
     raw_model = GPT(model_config)
-    if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
-    raw_model.to(device)
-    torch.manual_seed(config.seed + info.rank)  # but a different dropout stream on each
-
+    model = parallelize(raw_model, config, info, device, dtype)
     optimizer = build_optimizer(raw_model, config, device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if checkpoint is not None:
+        load_weights(raw_model, checkpoint, path, optimizer if resume else None)
+
     train_tokens, val_tokens = open_tokens(config.data_dir, "train", meta), open_tokens(config.data_dir, "val", meta)
-    sampler = lambda tokens, seed: BatchSampler(tokens, model_config.block_size, config.batch_size, seed, info.rank)  # noqa: E731
+    sampler = lambda tokens, seed: BatchSampler(tokens, model_config.block_size, config.batch_size, seed)  # noqa: E731
     run = Run(
-        config=config, info=info, device=device, dtype=dtype, raw_model=raw_model, model=raw_model,
-        optimizer=optimizer, scaler=scaler, train_batches=sampler(train_tokens, config.seed),
-        # evaluation draws from its own streams, so evaluating never moves the training data position
+        config=config, info=info, device=device, dtype=dtype, raw_model=raw_model, model=model,
+        optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        train_batches=sampler(train_tokens, config.seed),
+        # evaluation draws from its own streams, apart from the training data
         eval_batches={"train": sampler(train_tokens, config.seed + 1), "val": sampler(val_tokens, config.seed + 1)},
         tokenizer_meta=meta.get("tokenizer"), logger=MetricsLogger(config, info, resume),
-        accum_steps=config.gradient_accumulation_steps // info.world_size,
+        stop=StopRequest(info, device),
     )
     if resume:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run before was not float16
-            scaler.load_state_dict(checkpoint["scaler"])
-        run.step = run.start_step = checkpoint["iter_num"]
+        if run.scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run before was not float16
+            run.scaler.load_state_dict(checkpoint["scaler"])
+        run.step = run.start_step = run.saved_step = checkpoint["iter_num"]  # also the data position
         run.best_val_loss = checkpoint["best_val_loss"]
-        run.train_batches.load_state_dict(checkpoint["data"])
-        rng = checkpoint["rng"]
-        if info.rank < len(rng):  # a resume on more processes than saved starts the extra ranks fresh
-            _set_rng_state(rng[info.rank], device)
-    if config.compile:
-        run.model = torch.compile(raw_model)
-    run.model = apply_ddp(run.model, info, device)
 
-    print0(info, f"{raw_model.num_params() / 1e6:.2f}M parameters | device {device} | dtype {str(dtype)[6:]} | "
-                 f"{info.world_size} process(es) | {run.tokens_per_step:,} tokens per step "
+    print0(info, f"{raw_model.num_params() / 1e6:.2f}M parameters | device {device} | "
+                 f"dtype {str(dtype).removeprefix('torch.')} | {info.world_size} process(es), {config.parallelism} | "
+                 f"{run.tokens_per_step:,} tokens per step "
                  f"({config.batch_size} x {model_config.block_size} x {config.gradient_accumulation_steps} micro-batches)")
     if checkpoint is not None:
         print0(info, f"{'resuming' if resume else 'fine-tuning'} from {path} (iter {checkpoint.get('iter_num', 0)})")
@@ -153,47 +138,42 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
 
 
 def save(run: Run) -> None:
-    """Every rank takes part (RNG states are gathered); rank 0 writes."""
-    rng = gather_objects(_rng_state(run.device), run.info)
-    if not run.info.is_main:
-        return
-    state = {
-        "model": run.raw_model.state_dict(),
+    """Every rank takes part: FSDP writes one shard per rank; otherwise rank 0 writes."""
+    run_state = {
         "model_config": asdict(run.raw_model.config),
-        "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
         "config": asdict(run.config),
-        "iter_num": run.step,
+        "iter_num": run.step,  # with the seed, this is the data position too
         "best_val_loss": run.best_val_loss,
-        "rng": rng,
-        "data": run.train_batches.state_dict(),
         "tokenizer": run.tokenizer_meta,
     }
     path = Path(run.config.out_dir) / "ckpt.pt"
-    save_checkpoint(state, path)
+    save_checkpoint(path, run_state, run.raw_model, run.optimizer, run.info, sharded=run.config.parallelism == "fsdp")
+    run.saved_step = run.step
     print0(run.info, f"saved {path} at iter {run.step}")
 
 
 def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over `accum_steps` micro-batches; returns the mean loss and the gradient norm."""
-    model, info = run.model, run.info
+    """One optimizer step over the step's `gradient_accumulation_steps` micro-batches, of which rank r of
+    W takes r, r+W, ...; returns this rank's share of the mean loss and the gradient norm."""
+    model, info, config = run.model, run.info, run.config
+    mine = range(info.rank, config.gradient_accumulation_steps, info.world_size)
     total_loss = torch.zeros((), device=run.device)
-    x, y = to_device(run.train_batches.next_batch(), run.device)
-    for micro in range(run.accum_steps):
-        last = micro == run.accum_steps - 1
-        # DDP would all-reduce gradients after every backward; only the last micro-batch needs it.
-        sync = nullcontext() if last or not info.enabled else model.no_sync()
-        with sync:
+    x, y = to_device(run.train_batches.batch(run.step, mine[0]), run.device)
+    for n, index in enumerate(mine):
+        last = n == len(mine) - 1
+        if run.raw_model.config.dropout > 0:  # dropout masks too depend on (seed, step, micro-batch) alone
+            torch.manual_seed(int(np.random.SeedSequence([config.seed, run.step, index]).generate_state(1)[0]))
+        with gradient_sync(model, last):  # only the last micro-batch needs its gradients reduced
             with run.autocast:
                 _, loss = model(x, y)
-                loss = loss / run.accum_steps
+                loss = loss / len(mine)
             if not last:  # fetch the next micro-batch while the GPU works on this one
-                x, y = to_device(run.train_batches.next_batch(), run.device)
+                x, y = to_device(run.train_batches.batch(run.step, mine[n + 1]), run.device)
             run.scaler.scale(loss).backward()
         total_loss += loss.detach()
     run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
-    max_norm = run.config.grad_clip if run.config.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), max_norm)
+    grad_norm = clip_grad_norm(run.raw_model, config.grad_clip if config.grad_clip > 0 else float("inf"))
     run.scaler.step(run.optimizer)  # skipped by the scaler if fp16 gradients overflowed
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -201,12 +181,8 @@ def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def evaluate(run: Run) -> dict:
-    losses = {
-        split: mean_across_ranks(
-            estimate_loss(run.model, sampler, run.config.eval_iters, run.device, run.autocast), run.info
-        ).item()
-        for split, sampler in run.eval_batches.items()
-    }
+    losses = {split: estimate_loss(run.model, sampler, run.config.eval_iters, run.device, run.autocast, run.info)
+              for split, sampler in run.eval_batches.items()}
     return {"step": run.step, "val/loss": losses["val"], "eval/train_loss": losses["train"]}
 
 
@@ -222,18 +198,17 @@ def _check_finite(loss: float, run: Run, what: str) -> None:
 def train(config: TrainConfig) -> list[dict]:
     """Run training to max_iters; returns the latest records that were logged (rank 0)."""
     info = dist_info()
-    if config.gradient_accumulation_steps % info.world_size:
-        raise ConfigError(f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be divisible "
-                          f"by the number of processes ({info.world_size}) so the global batch stays the same")
+    check_parallelism(config, info)
     run, finished = None, False
     try:
         run = build(config, info)
-        _loop(run)
+        with run.stop:
+            _loop(run)
         finished = True
     finally:
         if run is not None:
             run.logger.close()
-        teardown(info, finished)
+        teardown(finished)
     return list(run.logger.history)
 
 
@@ -260,6 +235,12 @@ def _loop(run: Run) -> None:
                     save(run)
             timer += time.perf_counter() - eval_started  # evaluation is not training time
         if run.step >= config.max_iters or config.eval_only:
+            return
+        if run.stop.requested():
+            if run.step > run.saved_step:
+                save(run)
+            print0(run.info, f"stopped at iter {run.step} on {run.stop.received or 'a signal to another rank'}; "
+                             f"continue with init_from=resume")
             return
 
         lr = lr_at(run.step, config)
@@ -289,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(load_config(args))
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if dist_info().is_main:  # every rank meets these alike; one line is enough
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

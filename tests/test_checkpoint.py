@@ -3,12 +3,12 @@ import os
 import pytest
 import torch
 
-from gptrain.checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
+from gptrain.checkpoint import CheckpointError, clean_state_dict, load_checkpoint, atomic_torch_save
 
 
 def test_a_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    save_checkpoint({"model": {"w": torch.ones(3)}, "iter_num": 1}, path)
+    atomic_torch_save({"model": {"w": torch.ones(3)}, "iter_num": 1}, path)
 
     def crash(obj, f):
         f.write(b"half a checkpoint")
@@ -16,7 +16,7 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint({"model": {"w": torch.zeros(3)}, "iter_num": 2}, path)
+        atomic_torch_save({"model": {"w": torch.zeros(3)}, "iter_num": 2}, path)
     state = load_checkpoint(path)
     assert state["iter_num"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
@@ -47,7 +47,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_checkpoint_gets_the_usual_file_permissions(tmp_path):
     old = os.umask(0o022)
     try:
-        save_checkpoint({"model": {}}, tmp_path / "ckpt.pt")
+        atomic_torch_save({"model": {}}, tmp_path / "ckpt.pt")
     finally:
         os.umask(old)
     assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o644

@@ -9,29 +9,27 @@ from gptrain.data import BatchSampler, DataError, open_tokens, read_meta
 
 def test_targets_are_inputs_shifted_by_one():
     tokens = np.arange(1000, dtype=np.uint16)
-    x, y = BatchSampler(tokens, block_size=16, batch_size=4, seed=0).next_batch()
+    x, y = BatchSampler(tokens, block_size=16, batch_size=4, seed=0).batch(0, 0)
     assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
     assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
 
 
-def test_restored_position_replays_the_same_batches():
+def test_a_micro_batch_depends_on_seed_step_and_index_alone():
     tokens = np.random.default_rng(0).integers(0, 65, 10_000).astype(np.uint16)
-    original = BatchSampler(tokens, 32, 8, seed=1337)
-    for _ in range(3):
-        original.next_batch()
-    restored = BatchSampler(tokens, 32, 8, seed=1337)
-    restored.load_state_dict(original.state_dict())
-    for _ in range(3):
-        for a, b in zip(original.next_batch(), restored.next_batch()):
-            assert torch.equal(a, b)
+    sampler = BatchSampler(tokens, 32, 8, seed=1337)
+    later = [sampler.batch(step, i) for step in (5, 0) for i in range(3)]  # any order, any sampler object
+    again = BatchSampler(tokens, 32, 8, seed=1337)
+    for (x, y), step_index in zip(later, [(5, 0), (5, 1), (5, 2), (0, 0), (0, 1), (0, 2)]):
+        x2, y2 = again.batch(*step_index)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
-def test_ranks_and_seeds_draw_different_batches():
+def test_steps_indices_and_seeds_draw_different_batches():
     tokens = np.arange(100_000, dtype=np.uint32)
-    first = lambda **kw: BatchSampler(tokens, 8, 4, **kw).next_batch()[0]  # noqa: E731
-    assert not torch.equal(first(seed=0, rank=0), first(seed=0, rank=1))
-    assert not torch.equal(first(seed=0), first(seed=1))
-    assert torch.equal(first(seed=5, rank=1), first(seed=5, rank=1))
+    first = lambda seed, step, index: BatchSampler(tokens, 8, 4, seed).batch(step, index)[0]  # noqa: E731
+    assert not torch.equal(first(0, 0, 0), first(0, 0, 1))
+    assert not torch.equal(first(0, 0, 0), first(0, 1, 0))
+    assert not torch.equal(first(0, 0, 0), first(1, 0, 0))
 
 
 def test_too_little_data_for_a_block_is_a_clear_error():

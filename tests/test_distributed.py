@@ -1,0 +1,204 @@
+"""Real multi-process runs on the CPU with gloo: the same model on any number of processes, DDP or FSDP,
+resharding checkpoints, multi-node, preemption and hung ranks."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptrain.checkpoint import load_checkpoint, load_weights, model_config_from
+from gptrain.config import load_config
+from gptrain.model import GPT
+from gptrain.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# 2 global micro-batches a step, 3 eval batches (uneven over 2 ranks), dropout 0: the run must not
+# depend on how many processes share it.
+RUN = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "batch_size=4", "gradient_accumulation_steps=2",
+       "learning_rate=3e-3", "min_lr=3e-4", "warmup_iters=2", "max_iters=6", "lr_decay_iters=6", "eval_interval=3",
+       "eval_iters=3", "log_interval=1", "dropout=0", "device=cpu", "dtype=float32", "compile=false",
+       "tensorboard=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*launcher: str, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, "train.py", *args]
+
+
+def run_ok(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def by_step(history: list[dict], key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in history if key in r}
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The final weights as one process sees them, whatever layout wrote them (a file or DCP shards)."""
+    path = run_dir / "out" / "ckpt.pt"
+    checkpoint = load_checkpoint(path)
+    model = GPT(model_config_from(checkpoint))
+    load_weights(model, checkpoint, path)
+    return model.state_dict()
+
+
+def train_in_process(args: list[str]) -> list[dict]:
+    return train(load_config(args))
+
+
+def args_for(run_dir: Path, char_data: Path, *extra: str) -> list[str]:
+    return [f"data_dir={char_data}", f"out_dir={run_dir / 'out'}", f"log_dir={run_dir / 'logs'}", *RUN, *extra]
+
+
+@pytest.fixture(scope="module")
+def one_process(char_data, tmp_path_factory) -> Path:
+    """The reference: the same run on a single process, no torchrun."""
+    run_dir = tmp_path_factory.mktemp("one_process")
+    train_in_process(args_for(run_dir, char_data))
+    return run_dir
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Per-step train and val losses, and the final weights, within 1e-5 of the reference run's."""
+    got, want = records(run_dir), records(reference)
+    for key in ("train/loss", "val/loss"):
+        assert by_step(got, key) == pytest.approx(by_step(want, key), abs=1e-5), key
+    reference_weights = weights(reference)
+    for name, tensor in weights(run_dir).items():
+        torch.testing.assert_close(tensor, reference_weights[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_processes_train_the_same_model_as_one(parallelism, one_process, char_data, tmp_path):
+    result = run_ok(torchrun("--standalone", "--nproc_per_node=2",
+                             args=args_for(tmp_path, char_data, f"parallelism={parallelism}")))
+    assert f"2 process(es), {parallelism}" in result.stdout
+    assert "256 tokens per step" in result.stdout  # 4 x 32 x 2, as on one process
+    assert_same_run(tmp_path, one_process)
+    if parallelism == "fsdp":  # one shard file per rank beside the run state
+        assert sorted(p.name for p in (tmp_path / "out" / "ckpt-000006.dcp").glob("*.distcp")) == [
+            "__0_0.distcp", "__1_0.distcp"]
+
+
+def test_two_nodes_on_localhost_train_the_same_model_as_one(one_process, char_data, tmp_path):
+    port = free_port()
+    nodes = [subprocess.Popen(torchrun("--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
+                                       "--master_addr=127.0.0.1", f"--master_port={port}",
+                                       args=args_for(tmp_path, char_data)),
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "2 process(es), ddp" in outputs[0][0] and outputs[1][0] == ""  # only rank 0 prints
+    assert_same_run(tmp_path, one_process)
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [
+    (("fsdp", 2), ("ddp", 1)),  # DCP shards of 2 ranks, into one plain process
+    (("ddp", 2), ("fsdp", 2)),  # one full file, into 2 shards
+])
+def test_a_checkpoint_resumes_on_another_world_size_and_layout(saved_by, resumed_by, one_process, char_data,
+                                                               tmp_path):
+    def launch(parallelism: str, processes: int, *extra: str) -> None:
+        args = args_for(tmp_path, char_data, f"parallelism={parallelism}", *extra)
+        if processes == 1:
+            train_in_process(args)
+        else:
+            run_ok(torchrun("--standalone", f"--nproc_per_node={processes}", args=args))
+
+    launch(*saved_by, "max_iters=3")  # stops (as if killed) at iter 3 of 6
+    launch(*resumed_by, "init_from=resume")
+    assert_same_run(tmp_path, one_process)
+
+
+def test_sigterm_to_torchrun_checkpoints_the_step_reached_and_resumes(char_data, tmp_path):
+    long_run = ["max_iters=100000", "lr_decay_iters=1000", "eval_interval=100000"]
+    launcher = subprocess.Popen(torchrun("--standalone", "--nproc_per_node=2",
+                                         args=args_for(tmp_path, char_data, *long_run)),
+                                cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 6) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    stdout, stderr = launcher.communicate(timeout=120)
+
+    stopped = load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"]
+    logged = max(by_step(records(tmp_path), "train/loss"))
+    assert stopped == logged + 1 >= 5, stdout + stderr  # every step that ran is in the checkpoint
+    assert f"stopped at iter {stopped} on SIGTERM; continue with init_from=resume" in stdout, stdout + stderr
+    assert "Traceback" not in stderr.split("Received 15 death signal")[0]  # the workers ended cleanly
+
+    resumed = train_in_process(args_for(tmp_path, char_data, *long_run, "init_from=resume",
+                                        f"max_iters={stopped + 3}"))
+    whole = train_in_process(args_for(tmp_path / "whole", char_data, *long_run, f"max_iters={stopped + 3}"))
+    assert by_step(resumed, "train/loss") == pytest.approx(
+        {s: v for s, v in by_step(whole, "train/loss").items() if s >= stopped}, abs=1e-5)
+
+
+def test_a_hung_rank_stops_the_others_within_the_timeout(char_data, tmp_path):
+    """Without torchrun watching, only the collective timeout can notice a peer that stopped answering."""
+    port, timeout = free_port(), 5
+    args = args_for(tmp_path, char_data, "max_iters=100000", "lr_decay_iters=1000", "eval_interval=100000",
+                    f"dist_timeout_s={timeout}")
+    ranks = [subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**ENV, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for rank in (0, 1)]
+    metrics = tmp_path / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ranks[1].send_signal(signal.SIGSTOP)  # hung, not dead: its sockets stay open
+    hung_at = time.monotonic()
+    try:
+        _, stderr = ranks[0].communicate(timeout=timeout + 30)
+        waited = time.monotonic() - hung_at
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate()
+    assert ranks[0].returncode != 0
+    assert waited < timeout + 30
+    assert "Timed out" in stderr, stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["gradient_accumulation_steps=3"], "gradient_accumulation_steps (3) must be divisible by the number of processes (2)"),
+    (["parallelism=model"], "parallelism must be one of ddp, fsdp (got 'model')"),
+])
+def test_bad_distributed_settings_stop_with_one_line_under_torchrun(args, message, char_data, tmp_path):
+    result = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", args=args_for(tmp_path, char_data, *args)),
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr  # printed once, not once per rank
+    ours = result.stderr.split("failed (exitcode: 2)")[0]  # what follows is torchrun's own failure report
+    assert "Traceback" not in ours and "gptrain/" not in result.stderr
+
+
+def test_fsdp_without_torchrun_stops_with_one_line(char_data, tmp_path):
+    result = subprocess.run([sys.executable, "train.py", *args_for(tmp_path, char_data, "parallelism=fsdp")],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: parallelism=fsdp shards the model across processes: launch with torchrun")
+    assert len(result.stderr.splitlines()) == 1
