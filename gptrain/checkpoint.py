@@ -66,18 +66,18 @@ def save_checkpoint(path: str | Path, run_state: dict, model: nn.Module, optimiz
                     info: DistInfo, sharded: bool) -> None:
     """Every rank calls it. Parameter names are the bare model's, whatever wraps it."""
     path = Path(path)
-    if not sharded:
-        if info.is_main:
-            model_state, optimizer_state = get_state_dict(model, optimizer)
-            atomic_torch_save({**run_state, "model": model_state, "optimizer": optimizer_state}, path)
-        return
-    folder = path.parent / f"ckpt-{run_state['iter_num']:06d}.dcp"
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
-    dist.barrier()  # every shard is on disk before ckpt.pt points at them
+    folder = path.parent / f"ckpt-{run_state['iter_num']:06d}.dcp" if sharded else None
+    if sharded:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+        dist.barrier()  # every shard is on disk before ckpt.pt points at them
+        run_state = {**run_state, "sharded": folder.name}
+    elif info.is_main:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        run_state = {**run_state, "model": model_state, "optimizer": optimizer_state}
     if info.is_main:
-        atomic_torch_save({**run_state, "sharded": folder.name}, path)
-        for old in path.parent.glob("ckpt-*.dcp"):  # no longer named by ckpt.pt
+        atomic_torch_save(run_state, path)
+        for old in path.parent.glob("ckpt-*.dcp"):  # shards that ckpt.pt no longer names
             if old != folder:
                 shutil.rmtree(old)
 

@@ -3,6 +3,7 @@ resharding checkpoints, multi-node, preemption and hung ranks."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -99,6 +100,17 @@ def test_two_processes_train_the_same_model_as_one(parallelism, one_process, cha
             "__0_0.distcp", "__1_0.distcp"]
 
 
+def test_generate_and_fine_tuning_read_an_fsdp_checkpoint_directly(char_data, tmp_path):
+    run_ok(torchrun("--standalone", "--nproc_per_node=2", args=args_for(tmp_path, char_data, "parallelism=fsdp")))
+    checkpoint = tmp_path / "out" / "ckpt.pt"
+    sample = run_ok([sys.executable, "generate.py", "--model_path", str(checkpoint), "--prompt", "ROMEO:",
+                     "--max_new_tokens", "20", "--temperature", "0"])
+    assert len(sample.stdout.strip()) >= 10 and sample.stderr == ""
+    finetuned = train_in_process(args_for(tmp_path / "ft", char_data, f"init_from={checkpoint}", "max_iters=1",
+                                          "eval_interval=1"))
+    assert by_step(finetuned, "val/loss")[0] == pytest.approx(by_step(records(tmp_path), "val/loss")[6], abs=1e-5)
+
+
 def test_two_nodes_on_localhost_train_the_same_model_as_one(one_process, char_data, tmp_path):
     port = free_port()
     nodes = [subprocess.Popen(torchrun("--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
@@ -130,23 +142,33 @@ def test_a_checkpoint_resumes_on_another_world_size_and_layout(saved_by, resumed
     assert_same_run(tmp_path, one_process)
 
 
-def test_sigterm_to_torchrun_checkpoints_the_step_reached_and_resumes(char_data, tmp_path):
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+LAUNCH_2 = [sys.executable, "-m", "gptrain.cli", "launch", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.mark.parametrize("launcher, sig, exit_code", [
+    (TORCHRUN_2, signal.SIGTERM, 1),  # torchrun re-raises the signal it received, whatever its workers did
+    (LAUNCH_2, signal.SIGTERM, 0),  # ours reports the clean stop
+    (LAUNCH_2, signal.SIGUSR1, 0),
+    ([sys.executable], signal.SIGTERM, 0),  # one process, no launcher
+], ids=["torchrun", "launch-TERM", "launch-USR1", "one-process"])
+def test_a_stop_signal_checkpoints_the_step_reached_and_resumes(launcher, sig, exit_code, char_data, tmp_path):
     long_run = ["max_iters=100000", "lr_decay_iters=1000", "eval_interval=100000"]
-    launcher = subprocess.Popen(torchrun("--standalone", "--nproc_per_node=2",
-                                         args=args_for(tmp_path, char_data, *long_run)),
-                                cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([*launcher, "train.py", *args_for(tmp_path, char_data, *long_run)],
+                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "logs" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 6) and time.monotonic() < deadline:
         time.sleep(0.2)
-    launcher.send_signal(signal.SIGTERM)
-    stdout, stderr = launcher.communicate(timeout=120)
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=120)
 
+    assert process.returncode == exit_code, stdout + stderr
     stopped = load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"]
     logged = max(by_step(records(tmp_path), "train/loss"))
     assert stopped == logged + 1 >= 5, stdout + stderr  # every step that ran is in the checkpoint
-    assert f"stopped at iter {stopped} on SIGTERM; continue with init_from=resume" in stdout, stdout + stderr
-    assert "Traceback" not in stderr.split("Received 15 death signal")[0]  # the workers ended cleanly
+    assert f"stopped at iter {stopped} on {sig.name}; continue with init_from=resume" in stdout, stdout + stderr
+    assert "gptrain/" not in stderr  # no traceback from the training processes
 
     resumed = train_in_process(args_for(tmp_path, char_data, *long_run, "init_from=resume",
                                         f"max_iters={stopped + 3}"))
@@ -155,8 +177,12 @@ def test_sigterm_to_torchrun_checkpoints_the_step_reached_and_resumes(char_data,
         {s: v for s, v in by_step(whole, "train/loss").items() if s >= stopped}, abs=1e-5)
 
 
-def test_a_hung_rank_stops_the_others_within_the_timeout(char_data, tmp_path):
-    """Without torchrun watching, only the collective timeout can notice a peer that stopped answering."""
+@pytest.mark.parametrize("failure, message", [
+    (signal.SIGSTOP, "Timed out"),  # hung, not dead: its sockets stay open until the timeout
+    (signal.SIGKILL, "Connection (closed|reset) by peer"),  # dead: noticed at the next collective
+])
+def test_a_rank_that_hangs_or_dies_stops_the_others_within_the_timeout(failure, message, char_data, tmp_path):
+    """Launched without torchrun, which would otherwise stop the job itself: only the ranks can notice."""
     port, timeout = free_port(), 5
     args = args_for(tmp_path, char_data, "max_iters=100000", "lr_decay_iters=1000", "eval_interval=100000",
                     f"dist_timeout_s={timeout}")
@@ -169,17 +195,17 @@ def test_a_hung_rank_stops_the_others_within_the_timeout(char_data, tmp_path):
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4) and time.monotonic() < deadline:
         time.sleep(0.2)
-    ranks[1].send_signal(signal.SIGSTOP)  # hung, not dead: its sockets stay open
-    hung_at = time.monotonic()
+    ranks[1].send_signal(failure)
+    failed_at = time.monotonic()
     try:
         _, stderr = ranks[0].communicate(timeout=timeout + 30)
-        waited = time.monotonic() - hung_at
+        waited = time.monotonic() - failed_at
     finally:
         ranks[1].kill()
         ranks[1].communicate()
     assert ranks[0].returncode != 0
     assert waited < timeout + 30
-    assert "Timed out" in stderr, stderr[-2000:]
+    assert re.search(message, stderr), stderr[-2000:]
 
 
 @pytest.mark.parametrize("args, message", [
