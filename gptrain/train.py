@@ -93,7 +93,7 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
     checkpoint = None
     if config.init_from != "scratch":
         path = Path(config.out_dir) / "ckpt.pt" if resume else Path(config.init_from)
-        checkpoint = load_checkpoint(path, map_location=device)
+        checkpoint = load_checkpoint(path)  # on the CPU: each rank copies what it keeps to the device
     model_config = _model_config(config, meta, checkpoint, info)
     saved_tokenizer = checkpoint.get("tokenizer") if checkpoint else None
     if saved_tokenizer and meta.get("tokenizer") and saved_tokenizer != meta["tokenizer"]:

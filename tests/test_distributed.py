@@ -49,6 +49,14 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
+def wait_for_records(run_dir: Path, count: int, timeout: float = 120) -> None:
+    """Until a run in the background has logged `count` records (so it is mid-training)."""
+    metrics, deadline = run_dir / "logs" / "metrics.jsonl", time.monotonic() + timeout
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= count):
+        assert time.monotonic() < deadline, f"{metrics} did not reach {count} records"
+        time.sleep(0.2)
+
+
 def by_step(history: list[dict], key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in history if key in r}
 
@@ -156,10 +164,7 @@ def test_a_stop_signal_checkpoints_the_step_reached_and_resumes(launcher, sig, e
     long_run = ["max_iters=100000", "lr_decay_iters=1000", "eval_interval=100000"]
     process = subprocess.Popen([*launcher, "train.py", *args_for(tmp_path, char_data, *long_run)],
                                cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "logs" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 6) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for_records(tmp_path, 6)
     process.send_signal(sig)
     stdout, stderr = process.communicate(timeout=120)
 
@@ -191,10 +196,7 @@ def test_a_rank_that_hangs_or_dies_stops_the_others_within_the_timeout(failure, 
                               env={**ENV, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
              for rank in (0, 1)]
-    metrics = tmp_path / "logs" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for_records(tmp_path, 4)
     ranks[1].send_signal(failure)
     failed_at = time.monotonic()
     try:
