@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run on a CUDA machine: the test suite (its CUDA tests included), then GPT-2 124M
-# training speed and MFU at the default config with bf16 + torch.compile. Usage: bash bench/gpu_check.sh [OUT_DIR]
+# training speed and MFU at the default config with bf16 + torch.compile, DDP and FSDP. Usage: bash bench/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 out=${1:-/tmp/gpu_check}
 mkdir -p "$out"
@@ -16,6 +16,12 @@ for compile in True False; do
   echo "== GPT-2 124M, default config (batch 12 x 1024, accum 40), bf16, compile=$compile"
   python3 train.py data_dir="$out/data" out_dir="$out/ckpt" log_dir="$out/logs" compile=$compile \
     max_iters=12 eval_interval=1000 eval_iters=1 log_interval=2 tensorboard=false 2>&1 | grep -E "parameters|iter (4|6|8|10|12) "
+done
+for parallelism in ddp fsdp; do
+  echo "== GPT-2 124M, default config, bf16, compile=True, torchrun on 1 GPU, parallelism=$parallelism"
+  python3 -m torch.distributed.run --standalone --nproc_per_node=1 train.py data_dir="$out/data" out_dir="$out/ckpt_$parallelism" \
+    log_dir="$out/logs" parallelism=$parallelism max_iters=12 eval_interval=1000 eval_iters=1 log_interval=2 \
+    tensorboard=false 2>&1 | grep -E "parameters|iter (4|6|8|10|12) |error"
 done
 echo "== fp16 with the gradient scaler, batch 16 as in the README"
 python3 train.py data_dir="$out/data" out_dir="$out/ckpt" log_dir="$out/logs" dtype=float16 batch_size=16 compile=False \

@@ -144,7 +144,7 @@ class StopRequest:
 
     def __init__(self, info: DistInfo, device: torch.device):
         self.info = info
-        self.received: str | None = None
+        self.signal = 0  # the number of the signal received, 0 while none
         self._previous: dict = {}
         # The flag crosses over gloo on the CPU, so asking every step never waits for the GPU.
         self._group = dist.new_group(backend="gloo") if info.enabled and device.type != "cpu" else None
@@ -159,15 +159,20 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame) -> None:
-        self.received = signal.Signals(signum).name
+        self.signal = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name
 
     def requested(self) -> bool:
-        """True on every rank as soon as any rank has received a signal (a collective when distributed)."""
-        if not self.info.enabled:
-            return self.received is not None
-        flag = torch.tensor([int(self.received is not None)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(flag.item())
+        """True on every rank as soon as any rank has received a signal (a collective when distributed);
+        then every rank also knows which."""
+        if self.info.enabled:
+            flag = torch.tensor([self.signal])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            self.signal = int(flag.item())
+        return self.signal != 0
 
 
 def print0(info: DistInfo, *args, **kwargs) -> None:

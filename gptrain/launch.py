@@ -6,7 +6,7 @@ torchrun forwards SIGTERM to its workers, but then re-raises it and exits 1 what
 scheduler cannot tell a clean preemption from a crash. Here torchrun ignores SIGTERM and SIGUSR1, and
 this process passes either signal on to torchrun's workers, the training processes, which checkpoint
 and exit 0; torchrun, seeing every worker succeed, exits 0 too. Any other outcome keeps torchrun's
-exit code. Linux only: the workers are found through /proc.
+exit code. The workers are found through Linux's /proc; elsewhere this is plain torchrun.
 """
 
 from __future__ import annotations
@@ -38,12 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(__doc__.strip())
         sys.exit(0 if args else 2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", *args]
+    if not Path(f"/proc/{os.getpid()}/task").is_dir():
+        os.execv(sys.executable, torchrun)
     # torchrun must leave the stop signals ignored (its default handles SIGTERM): the option's
     # environment form, and the variable that older releases read directly
     handled = "SIGINT,SIGHUP,SIGQUIT"
     env = {**os.environ, "PET_SIGNALS_TO_HANDLE": handled, "TORCHELASTIC_SIGNALS_TO_HANDLE": handled}
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=env,
-                                preexec_fn=_ignore_stop_signals)
+    launcher = subprocess.Popen(torchrun, env=env, preexec_fn=_ignore_stop_signals)
 
     def pass_on(signum: int, frame) -> None:
         for worker in _children(launcher.pid):

@@ -239,8 +239,7 @@ def _loop(run: Run) -> None:
         if run.stop.requested():
             if run.step > run.saved_step:
                 save(run)
-            print0(run.info, f"stopped at iter {run.step} on {run.stop.received or 'a signal to another rank'}; "
-                             f"continue with init_from=resume")
+            print0(run.info, f"stopped at iter {run.step} on {run.stop.name}; continue with init_from=resume")
             return
 
         lr = lr_at(run.step, config)

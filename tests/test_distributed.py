@@ -230,3 +230,26 @@ def test_fsdp_without_torchrun_stops_with_one_line(char_data, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: parallelism=fsdp shards the model across processes: launch with torchrun")
     assert len(result.stderr.splitlines()) == 1
+
+
+def _signal_one_rank(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    from gptrain.distributed import DistInfo, StopRequest
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    with StopRequest(DistInfo(rank, rank, 2, True), torch.device("cpu")) as stop:
+        before = stop.requested()
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        results.put((rank, before, stop.requested(), stop.name if stop.signal else None))
+    dist.destroy_process_group()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_and_each_knows_which(tmp_path):
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    torch.multiprocessing.start_processes(_signal_one_rank, args=(str(tmp_path / "init"), results), nprocs=2,
+                                          start_method="spawn")
+    assert sorted(results.get(timeout=10) for _ in range(2)) == [(0, False, True, "SIGUSR1"),
+                                                                 (1, False, True, "SIGUSR1")]
