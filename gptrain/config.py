@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import difflib
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
@@ -63,25 +63,35 @@ class TrainConfig(GPTConfig):
     wandb_project: str = setting("gptrain", "W&B project name")
     wandb_run_name: str = setting("gpt2-124M", "W&B run name")
     # data
-    batch_size: int = setting(12, "sequences per micro-batch on each process")
-    gradient_accumulation_steps: int = setting(
-        40, "micro-batches per optimizer step, summed over all processes (divided by the world size)"
+    batch_size: Union[int, str] = setting(
+        12, "sequences per micro-batch on each process (at most, with tokens_per_step); auto = the most that fits (CUDA)"
+    )
+    tokens_per_step: Optional[int] = setting(
+        491520, "tokens per optimizer step over all processes: the recipe's batch, the same on any hardware"
+    )
+    gradient_accumulation_steps: Optional[int] = setting(
+        None, "micro-batches per optimizer step over all processes (divided by the world size); null = from tokens_per_step"
     )
     # optimizer
     learning_rate: float = setting(6e-4, "peak learning rate")
-    max_iters: int = setting(600000, "optimizer steps in the whole run")
+    max_iters: Union[int, str] = setting(
+        600000, "optimizer steps in the whole run; auto = tokens_per_param x parameters / tokens_per_step"
+    )
+    tokens_per_param: float = setting(20.0, "training tokens per parameter for max_iters=auto (20: Chinchilla-optimal)")
     weight_decay: float = setting(0.1, "AdamW weight decay on 2-D weights (not biases, norms)")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this; 0 disables")
     decay_lr: bool = setting(True, "cosine-decay the learning rate; false keeps it constant after warm-up")
     warmup_iters: int = setting(2000, "linear warm-up steps")
-    lr_decay_iters: int = setting(600000, "step at which the cosine reaches min_lr (usually max_iters)")
+    lr_decay_iters: Optional[int] = setting(None, "step at which the cosine reaches min_lr; null = max_iters")
     min_lr: float = setting(6e-5, "learning rate floor (usually learning_rate / 10)")
     # system
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = setting("auto", "auto | float32 | bfloat16 | float16 (float16 uses a gradient scaler)")
-    compile: bool = setting(True, "torch.compile the model (PyTorch 2.x)")
+    compile: Union[bool, str] = setting(
+        "auto", "torch.compile the model: true | false | auto (on CUDA, where it pays); a failure falls back to eager"
+    )
     backend: str = setting("nccl", "torch.distributed backend under torchrun for GPUs; CPU runs always use gloo")
     parallelism: str = setting("ddp", "ddp (a full copy per process) | fsdp (parameters, gradients and optimizer state sharded)")
     dist_timeout_s: int = setting(600, "seconds a collective waits for a process that died or hung before the run stops")
@@ -94,9 +104,21 @@ class TrainConfig(GPTConfig):
     def validate(self) -> None:
         """Check what types alone cannot, and report every problem at once."""
         problems = []
+        for name in ("batch_size", "max_iters"):
+            if isinstance(getattr(self, name), str) and getattr(self, name) != "auto":
+                problems.append(f"{name} must be a number or auto (got '{getattr(self, name)}')")
+        if isinstance(self.compile, str) and self.compile != "auto":
+            problems.append(f"compile must be true, false or auto (got '{self.compile}')")
         positive = ["block_size", "n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps",
-                    "eval_interval", "eval_iters", "log_interval", "max_iters"]
-        problems += [f"{name} must be > 0 (got {getattr(self, name)})" for name in positive if getattr(self, name) <= 0]
+                    "tokens_per_step", "eval_interval", "eval_iters", "log_interval", "max_iters", "lr_decay_iters",
+                    "tokens_per_param"]
+        problems += [f"{name} must be > 0 (got {getattr(self, name)})" for name in positive
+                     if isinstance(getattr(self, name), (int, float)) and getattr(self, name) <= 0]
+        if (self.tokens_per_step is None) == (self.gradient_accumulation_steps is None):
+            problems.append("set one of tokens_per_step and gradient_accumulation_steps, and the other to null "
+                            f"(got {self.tokens_per_step} and {self.gradient_accumulation_steps})")
+        elif self.tokens_per_step is None and "auto" in (self.batch_size, self.max_iters):
+            problems.append("batch_size=auto and max_iters=auto need tokens_per_step, so the recipe's batch stays fixed")
         if self.n_head > 0 and self.n_embd % self.n_head:
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
@@ -119,12 +141,47 @@ class TrainConfig(GPTConfig):
             problems.append(f"device must be auto, cpu, cuda, cuda:N or mps (got '{self.device}')")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
             problems.append(f"need 0 <= min_lr ({self.min_lr}) <= learning_rate ({self.learning_rate}), learning_rate > 0")
-        if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
-            problems.append(f"warmup_iters ({self.warmup_iters}) must be <= lr_decay_iters ({self.lr_decay_iters})")
+        decay_end = self.lr_decay_iters or self.max_iters
+        if self.decay_lr and isinstance(decay_end, int) and self.warmup_iters > decay_end:
+            problems.append(f"warmup_iters ({self.warmup_iters}) must be <= lr_decay_iters ({decay_end})")
         if self.warmup_iters < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             problems.append("warmup_iters, grad_clip and weight_decay must be >= 0")
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+def plan_batch(config: TrainConfig, block_size: int, world_size: int, max_batch: int) -> TrainConfig:
+    """The micro-batch and the global micro-batches per step, for this world size.
+
+    With tokens_per_step the step always holds the same sequences; the micro-batch is the largest
+    divisor of each process's share that is at most `max_batch`, and the accumulation follows.
+    Without it, batch_size and gradient_accumulation_steps are taken as they are.
+    """
+    if config.tokens_per_step is None:
+        if config.gradient_accumulation_steps % world_size:
+            raise ConfigError(f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be divisible "
+                              f"by the number of processes ({world_size}) so the global batch stays the same")
+        return replace(config, batch_size=max_batch)
+    sequences, remainder = divmod(config.tokens_per_step, block_size)
+    if remainder:
+        raise ConfigError(f"tokens_per_step ({config.tokens_per_step:,}) must be a multiple of block_size ({block_size})")
+    if sequences % world_size:
+        raise ConfigError(f"tokens_per_step ({config.tokens_per_step:,}) is {sequences} sequences of {block_size} "
+                          f"tokens, which {world_size} processes cannot share evenly")
+    share = sequences // world_size
+    micro = max(b for b in range(1, min(max_batch, share) + 1) if share % b == 0)
+    return replace(config, batch_size=micro, gradient_accumulation_steps=sequences // micro)
+
+
+def plan_horizon(config: TrainConfig, num_params: int) -> TrainConfig:
+    """max_iters=auto: tokens_per_param tokens for each parameter; lr_decay_iters follows max_iters."""
+    max_iters = config.max_iters
+    if max_iters == "auto":
+        max_iters = -(-round(config.tokens_per_param * num_params) // config.tokens_per_step)
+    plan = replace(config, max_iters=max_iters, lr_decay_iters=config.lr_decay_iters or max_iters)
+    if plan.decay_lr and plan.warmup_iters > plan.lr_decay_iters:
+        raise ConfigError(f"warmup_iters ({plan.warmup_iters}) must be <= lr_decay_iters ({plan.lr_decay_iters})")
+    return plan
 
 
 def _coerce(value: Any, declared: Any) -> Any:
@@ -137,7 +194,8 @@ def _coerce(value: Any, declared: Any) -> Any:
 
 
 def _type_name(declared: Any) -> str:
-    return "int or null" if declared == Optional[int] else declared.__name__
+    names = {Optional[int]: "int or null", Union[int, str]: "int or auto", Union[bool, str]: "bool or auto"}
+    return names.get(declared) or declared.__name__
 
 
 def load_config(args: list[str], default_yaml: Path | None = DEFAULT_YAML) -> TrainConfig:
@@ -179,7 +237,16 @@ def load_config(args: list[str], default_yaml: Path | None = DEFAULT_YAML) -> Tr
 
 def _resolved_type(f) -> Any:
     """Field types are strings under `from __future__ import annotations`; map them back to classes."""
-    return {"int": int, "float": float, "bool": bool, "str": str, "Optional[int]": Optional[int]}[f.type]
+    return {"int": int, "float": float, "bool": bool, "str": str, "Optional[int]": Optional[int],
+            "Union[int, str]": Union[int, str], "Union[bool, str]": Union[bool, str]}[f.type]
+
+
+def record_yaml(config: TrainConfig) -> str:
+    """A run's settings as YAML that `train.py FILE` loads back into the same run (with derived values
+    left derived: an accumulation that tokens_per_step fixes stays null)."""
+    if config.tokens_per_step is not None:
+        config = replace(config, gradient_accumulation_steps=None)
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
 def default_yaml_text() -> str:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
 from contextlib import AbstractContextManager, nullcontext
+from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -39,3 +44,37 @@ def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def environment(world_size: int) -> dict:
+    """What a run ran on, for its run record: enough to reproduce it or to explain a difference."""
+    cuda = torch.cuda.is_available()
+    return {
+        "gptrain": _version(),
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "platform": platform.platform(),
+        "command": sys.argv,
+        "world_size": world_size,
+    }
+
+
+def _version() -> str:
+    try:
+        return metadata.version("gptrain")
+    except metadata.PackageNotFoundError:
+        return "not installed (run from a checkout)"
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit, when the code runs from one."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None

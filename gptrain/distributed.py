@@ -44,16 +44,15 @@ def dist_info() -> DistInfo:
 
 
 def check_parallelism(config: TrainConfig, info: DistInfo) -> None:
-    """What the process count decides, checked on every rank before any process group is joined."""
-    if config.gradient_accumulation_steps % info.world_size:
-        raise ConfigError(f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be divisible "
-                          f"by the number of processes ({info.world_size}) so the global batch stays the same")
+    """What the launch decides, checked on every rank before any process group is joined."""
     if config.parallelism == "fsdp" and not info.launched:
         raise ConfigError("parallelism=fsdp shards the model across processes: launch with torchrun "
                           "(e.g. torchrun --standalone --nproc_per_node=2 train.py parallelism=fsdp)")
     if config.parallelism == "fsdp" and config.dtype == "float16":
         raise ConfigError("parallelism=fsdp takes dtype float32 or bfloat16: float16's gradient scaler "
                           "does not agree across shards")
+    if config.parallelism == "fsdp" and config.batch_size == "auto":
+        raise ConfigError("batch_size=auto probes memory with parallelism=ddp only; give fsdp a number")
 
 
 def init_distributed(info: DistInfo, backend: str, device: torch.device, timeout_s: int) -> None:
@@ -98,12 +97,31 @@ def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, device: t
         fully_shard(model, mesh=mesh, mp_policy=policy)  # also moves each rank's shards to `device`
         return model
     model = model.to(device)
-    if config.compile:
-        model = torch.compile(model)
+    return _ddp(torch.compile(model) if config.compile else model, info, device)
+
+
+def _ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """Wrap for DDP when there are several processes; DDP broadcasts rank 0's weights on the way."""
     if not info.enabled:
         return model
-    # DDP broadcasts rank 0's weights, so every rank starts identical
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def eager(raw_model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """`parallelize`'s result without torch.compile: what the loop falls back to when compiling fails."""
+    if isinstance(raw_model, FSDPModule):
+        for block in raw_model.transformer.h:
+            block._compiled_call_impl = None  # where nn.Module.compile() keeps the compiled forward
+        return raw_model
+    return _ddp(raw_model, info, device)
+
+
+def min_across_ranks(value: int, info: DistInfo, device: torch.device) -> int:
+    if info.enabled:
+        tensor = torch.tensor([value], device=device)  # NCCL carries only CUDA tensors
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        value = int(tensor.item())
+    return value
 
 
 def gradient_sync(model: nn.Module, enabled: bool) -> AbstractContextManager:

@@ -5,11 +5,13 @@ Usage: gptrain train [config.yaml ...] [key=value ...]   (or: python train.py ..
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +19,14 @@ import torch
 import torch.nn as nn
 
 from gptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, model_config_from, save_checkpoint
-from gptrain.config import ConfigError, GPTConfig, TrainConfig, help_text, load_config
-from gptrain.device import autocast, resolve_device, resolve_dtype
+from gptrain.config import (
+    ConfigError, GPTConfig, TrainConfig, help_text, load_config, plan_batch, plan_horizon, record_yaml,
+)
+from gptrain.device import autocast, environment, resolve_device, resolve_dtype
 from gptrain.data import BatchSampler, DataError, open_tokens, read_meta, to_device
 from gptrain.distributed import (
-    DistInfo, StopRequest, check_parallelism, clip_grad_norm, dist_info, gradient_sync, init_distributed,
-    mean_across_ranks, parallelize, print0, teardown,
+    DistInfo, StopRequest, check_parallelism, clip_grad_norm, dist_info, eager, gradient_sync, init_distributed,
+    mean_across_ranks, min_across_ranks, parallelize, print0, teardown,
 )
 from gptrain.evaluate import estimate_loss
 from gptrain.metrics import MetricsLogger, peak_flops
@@ -55,6 +59,8 @@ class Run:
     start_step: int = 0
     saved_step: int = 0
     best_val_loss: float = float("inf")
+    compiled_ok: bool = False  # a training step has run, so torch.compile (if on) has worked
+    environment: dict = field(default_factory=dict)
 
     @property
     def tokens_per_step(self) -> int:
@@ -102,11 +108,22 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
     if meta["vocab_size"] > model_config.vocab_size:
         raise DataError(f"the data's vocabulary ({meta['vocab_size']}) is larger than the model's ({model_config.vocab_size})")
 
+    auto_batch = config.batch_size == "auto"
+    config = plan_batch(replace(config, compile=device.type == "cuda" if config.compile == "auto" else config.compile),
+                        model_config.block_size, info.world_size, 1 if auto_batch else config.batch_size)
+
     # Every rank builds the same full model on the CPU, so initial weights never depend on the world
     # size; parallelize() then keeps each rank's shard (FSDP) or a full copy (DDP) on the device.
     torch.manual_seed(config.seed)
     raw_model = GPT(model_config)
     model = parallelize(raw_model, config, info, device, dtype)
+    if auto_batch:
+        share = config.tokens_per_step // model_config.block_size // info.world_size
+        sizes = [b for b in range(1, share + 1) if share % b == 0 and (device.type == "cuda" or b <= 12)]
+        fits = find_batch_size(lambda size: _trial_step(model, raw_model, size, model_config.block_size, device,
+                                                        autocast(device, dtype)), sizes)
+        config = plan_batch(config, model_config.block_size, info.world_size, min_across_ranks(fits, info, device))
+    config = plan_horizon(config, raw_model.num_params())
     optimizer = build_optimizer(raw_model, config, device.type)
     if checkpoint is not None:
         load_weights(raw_model, checkpoint, path, optimizer if resume else None)
@@ -128,13 +145,85 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
         run.step = run.start_step = run.saved_step = checkpoint["iter_num"]  # also the data position
         run.best_val_loss = checkpoint["best_val_loss"]
 
-    print0(info, f"{raw_model.num_params() / 1e6:.2f}M parameters | device {device} | "
-                 f"dtype {str(dtype).removeprefix('torch.')} | {info.world_size} process(es), {config.parallelism} | "
-                 f"{run.tokens_per_step:,} tokens per step "
-                 f"({config.batch_size} x {model_config.block_size} x {config.gradient_accumulation_steps} micro-batches)")
+    if info.is_main:
+        run.environment = environment(info.world_size)
+        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(config.out_dir) / "config.yaml").write_text(record_yaml(config))
+        (Path(config.out_dir) / "environment.json").write_text(json.dumps(run.environment, indent=2) + "\n")
+    print0(info, _summary(run, len(train_tokens)))
     if checkpoint is not None:
         print0(info, f"{'resuming' if resume else 'fine-tuning'} from {path} (iter {checkpoint.get('iter_num', 0)})")
     return run
+
+
+def _summary(run: Run, dataset_tokens: int) -> str:
+    """What the run will do and cost, before it starts."""
+    config, model, info = run.config, run.raw_model, run.info
+    c = model.config
+    micro_per_rank = config.gradient_accumulation_steps // info.world_size
+    shard = info.world_size if config.parallelism == "fsdp" else 1
+    state_bytes = 16 * model.num_params(non_embedding=False) / shard  # fp32 weights, gradients, AdamW's 2 moments
+    # activations kept for backward, per micro-batch: about 34 values per token, layer and channel
+    # (Korthikanti et al. 2022, with fused attention), at 2 bytes under mixed precision
+    activation_bytes = 34 * config.batch_size * c.block_size * c.n_embd * c.n_layer * (4 if run.dtype == torch.float32 else 2)
+    memory = (torch.cuda.get_device_properties(run.device).total_memory if run.device.type == "cuda"
+              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    peak = peak_flops(config, run.device, run.dtype)
+    total_tokens = config.max_iters * run.tokens_per_step
+    return "\n".join([
+        f"model      {_size(model.num_params(non_embedding=False))} parameters "
+        f"({_size(model.num_params() - c.vocab_size * c.n_embd)} without embeddings): {c.n_layer} layers, "
+        f"{c.n_embd} wide, {c.n_head} heads, context {c.block_size}, vocabulary {c.vocab_size:,}",
+        f"batch      {run.tokens_per_step:,} tokens per step = {config.gradient_accumulation_steps} micro-batches of "
+        f"{config.batch_size} x {c.block_size}: {micro_per_rank} on each of {info.world_size} process(es), "
+        f"{config.parallelism}",
+        f"compute    {model.flops_per_token() / 1e6:,.1f} MFLOP per token (6 per parameter + 12 x layers x width x "
+        f"context); MFU against " + (f"{peak / 1e12:,.0f} TFLOP/s" if peak else "no known peak (set peak_tflops)"),
+        f"memory     about {_size(state_bytes)}B of weights, gradients and AdamW state + {_size(activation_bytes)}B "
+        f"of activations per process, of {_size(memory)}B on {run.device}",
+        f"run        {config.max_iters:,} steps = {_size(total_tokens)} tokens = "
+        f"{total_tokens / dataset_tokens:,.2f} epochs of {dataset_tokens:,} training tokens; learning rate "
+        f"{config.learning_rate:.1e}, warm-up {config.warmup_iters:,}"
+        + (f", cosine to {config.min_lr:.1e} at {config.lr_decay_iters:,}" if config.decay_lr else ", constant"),
+        f"system     device {run.device}, dtype {str(run.dtype).removeprefix('torch.')}, "
+        f"compile {str(config.compile).lower()}, seed {config.seed}",
+    ])
+
+
+def _size(n: float) -> str:
+    """1.5k, 3.2M, 12.4G: a count (or with a B after it, bytes) readable at a glance."""
+    for unit in ("", "k", "M", "G", "T"):
+        if abs(n) < 1000 or unit == "T":
+            return f"{n:.3g}{unit}" if unit else f"{n:.0f}"
+        n /= 1000
+
+
+def find_batch_size(trial, sizes: list[int]) -> int:
+    """The largest of `sizes` whose trial step fits in memory, backing off on out-of-memory."""
+    for size in sorted(sizes, reverse=True):
+        try:
+            trial(size)
+            return size
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    raise TrainingError("not even one sequence per micro-batch fits in memory: try parallelism=fsdp, a smaller "
+                        "model or block_size, or dtype=bfloat16")
+
+
+def _trial_step(model: nn.Module, raw_model: nn.Module, size: int, block_size: int, device: torch.device,
+                amp) -> None:
+    """A forward and backward at the real shape, with AdamW's two moments (not allocated before its first
+    step) stood in for by as much memory; gradients are not reduced, so each rank probes alone."""
+    reserve = [torch.empty_like(p) for p in raw_model.parameters() for _ in range(2)]
+    x = torch.zeros((size, block_size), dtype=torch.long, device=device)
+    try:
+        with gradient_sync(model, False), amp:
+            _, loss = model(x, x)
+            loss.backward()
+    finally:
+        raw_model.zero_grad(set_to_none=True)
+        del reserve
 
 
 def save(run: Run) -> None:
@@ -143,6 +232,7 @@ def save(run: Run) -> None:
         "model_config": asdict(run.raw_model.config),
         "scaler": run.scaler.state_dict(),
         "config": asdict(run.config),
+        "environment": run.environment,
         "iter_num": run.step,  # with the seed, this is the data position too
         "best_val_loss": run.best_val_loss,
         "tokenizer": run.tokenizer_meta,
@@ -186,6 +276,23 @@ def evaluate(run: Run) -> dict:
     return {"step": run.step, "val/loss": losses["val"], "eval/train_loss": losses["train"]}
 
 
+def _guarding_compile(run: Run, step):
+    """Call step(run). Until a training step has succeeded, a failure with compile on is taken for
+    torch.compile failing (no compiler, or none for this GPU, OS or version): warn, go eager, retry."""
+    if not run.config.compile or run.compiled_ok:
+        return step(run)
+    try:
+        return step(run)
+    except Exception as e:
+        reason = getattr(e, "inner_exception", None) or e  # what the compiler backend raised, if it did
+        print0(run.info, f"warning: torch.compile failed ({type(reason).__name__}: "
+                         f"{(str(reason).strip().splitlines() or [''])[0][:200]}); continuing without it, as with compile=false")
+        run.optimizer.zero_grad(set_to_none=True)
+        run.config = replace(run.config, compile=False)
+        run.model = eager(run.raw_model, run.info, run.device)
+        return step(run)
+
+
 def _check_finite(loss: float, run: Run, what: str) -> None:
     if not math.isfinite(loss):
         raise TrainingError(
@@ -226,7 +333,7 @@ def _loop(run: Run) -> None:
         resumed_here = run.step == run.start_step > 0  # the checkpoint already holds this evaluation
         if config.eval_only or (due and not resumed_here):
             eval_started = time.perf_counter()
-            record = evaluate(run)
+            record = _guarding_compile(run, evaluate)
             run.logger.log(record)
             _check_finite(record["val/loss"], run, "val loss")
             if record["val/loss"] < run.best_val_loss or config.always_save_checkpoint:
@@ -245,7 +352,8 @@ def _loop(run: Run) -> None:
         lr = lr_at(run.step, config)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        loss, grad_norm = train_step(run)
+        loss, grad_norm = _guarding_compile(run, train_step)
+        run.compiled_ok = True
         timed_steps += 1
         if run.step % config.log_interval == 0:
             loss = mean_across_ranks(loss, run.info).item()  # a CPU-GPU sync point, so only on log steps

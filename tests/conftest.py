@@ -29,6 +29,7 @@ def tiny_config(char_data, tmp_path):
         return load_config([
             f"data_dir={char_data}", f"out_dir={tmp_path / 'out'}", f"log_dir={tmp_path / 'logs'}",
             "n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "gradient_accumulation_steps=1",
+            "tokens_per_step=null",
             "learning_rate=3e-3", "min_lr=3e-4", "warmup_iters=5", "max_iters=20", "lr_decay_iters=20",
             "eval_interval=10", "eval_iters=4", "log_interval=1", "device=cpu", "dtype=float32",
             "compile=false", "tensorboard=false", *overrides,

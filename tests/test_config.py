@@ -1,10 +1,14 @@
+import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from gptrain.config import DEFAULT_YAML, ConfigError, TrainConfig, default_yaml_text, load_config
+from gptrain.config import (
+    DEFAULT_YAML, ConfigError, TrainConfig, default_yaml_text, load_config, plan_batch, plan_horizon, record_yaml,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,12 +44,12 @@ def test_wrong_type_names_the_key_and_all_problems_come_at_once(tmp_path):
     yaml = tmp_path / "bad.yaml"
     yaml.write_text("n_layr: 2\n")
     with pytest.raises(ConfigError) as e:
-        load_config([str(yaml), "n_layer=abc", "compile=maybe"])
+        load_config([str(yaml), "n_layer=abc", "bias=maybe"])
     message = str(e.value)
     assert "\n" not in message
     assert f"unknown key 'n_layr' in {yaml} (did you mean 'n_layer'?)" in message
     assert "n_layer must be int, got 'abc'" in message
-    assert "compile must be bool, got 'maybe'" in message
+    assert "bias must be bool, got 'maybe'" in message
 
 
 def test_validation_catches_what_types_cannot():
@@ -76,3 +80,47 @@ def test_settings_that_would_fail_later_are_caught_at_start_up():
         load_config(["beta1=1.5", "init_from=resum", "backend=mpi"])
     assert str(e.value) == ("beta1 and beta2 must be in [0, 1) (got 1.5, 0.95); init_from must be scratch, resume "
                             "or the path of a checkpoint file (got 'resum'); backend must be nccl or gloo (got 'mpi')")
+
+
+def test_tokens_per_step_fixes_the_step_whatever_the_world_size():
+    config = load_config(["tokens_per_step=1536", "batch_size=24", "block_size=64"])
+    plans = {w: plan_batch(config, 64, w, 24) for w in (1, 2, 3, 8)}
+    for world_size, plan in plans.items():
+        assert plan.batch_size * 64 * plan.gradient_accumulation_steps == 1536
+        assert plan.gradient_accumulation_steps % world_size == 0
+    assert [(p.batch_size, p.gradient_accumulation_steps) for p in plans.values()] == [(24, 1), (12, 2), (8, 3), (3, 8)]
+
+
+@pytest.mark.parametrize("tokens, world_size, message", [
+    (1000, 1, "tokens_per_step (1,000) must be a multiple of block_size (64)"),
+    (1536, 5, "tokens_per_step (1,536) is 24 sequences of 64 tokens, which 5 processes cannot share evenly"),
+])
+def test_a_step_that_cannot_be_made_up_is_one_line(tokens, world_size, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        plan_batch(load_config([f"tokens_per_step={tokens}"]), 64, world_size, 24)
+
+
+def test_max_iters_auto_trains_tokens_per_param_tokens_per_parameter():
+    config = load_config(["max_iters=auto", "tokens_per_param=20", "tokens_per_step=1000", "warmup_iters=10"])
+    plan = plan_horizon(config, num_params=1_234_567)
+    assert plan.max_iters == 24692  # ceil(20 x 1,234,567 / 1,000)
+    assert plan.max_iters * 1000 >= 20 * 1_234_567 > (plan.max_iters - 1) * 1000
+    assert plan.lr_decay_iters == plan.max_iters  # follows max_iters unless set
+    assert plan_horizon(replace(config, lr_decay_iters=500), 1_234_567).lr_decay_iters == 500
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tokens_per_step=1024", "gradient_accumulation_steps=4"], "set one of tokens_per_step and gradient_accumulation_steps"),
+    (["tokens_per_step=null", "gradient_accumulation_steps=4", "batch_size=auto"], "need tokens_per_step"),
+    (["batch_size=lots"], "batch_size must be a number or auto (got 'lots')"),
+    (["compile=sometimes"], "compile must be true, false or auto (got 'sometimes')"),
+])
+def test_batch_and_horizon_settings_are_checked_at_start_up(args, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(args)
+
+
+def test_the_run_record_loads_back_into_the_same_config(tmp_path):
+    config = plan_batch(load_config(["tokens_per_step=2048", "batch_size=16", "block_size=64", "n_layer=3"]), 64, 2, 16)
+    (tmp_path / "config.yaml").write_text(record_yaml(config))
+    assert load_config([str(tmp_path / "config.yaml")]) == replace(config, gradient_accumulation_steps=None)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # 2 global micro-batches a step, 3 eval batches (uneven over 2 ranks), dropout on: the run must not
 # depend on how many processes share it.
-RUN = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "batch_size=4", "gradient_accumulation_steps=2",
+RUN = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "batch_size=4", "tokens_per_step=256",
        "learning_rate=3e-3", "min_lr=3e-4", "warmup_iters=2", "max_iters=6", "lr_decay_iters=6", "eval_interval=3",
        "eval_iters=3", "log_interval=1", "dropout=0.1", "device=cpu", "dtype=float32", "compile=false",
        "tensorboard=false"]
@@ -211,7 +211,9 @@ def test_a_rank_that_hangs_or_dies_stops_the_others_within_the_timeout(failure, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["gradient_accumulation_steps=3"], "gradient_accumulation_steps (3) must be divisible by the number of processes (2)"),
+    (["tokens_per_step=null", "gradient_accumulation_steps=3"],
+     "gradient_accumulation_steps (3) must be divisible by the number of processes (2)"),
+    (["tokens_per_step=96"], "tokens_per_step (96) is 3 sequences of 32 tokens, which 2 processes cannot share evenly"),
     (["parallelism=model"], "parallelism must be one of ddp, fsdp (got 'model')"),
 ])
 def test_bad_distributed_settings_stop_with_one_line_under_torchrun(args, message, char_data, tmp_path):

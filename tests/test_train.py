@@ -4,10 +4,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptrain.checkpoint import load_checkpoint
+from gptrain.checkpoint import load_checkpoint, model_config_from
+from gptrain.config import load_config
 from gptrain.data import DataError
+from gptrain.model import GPT
 from gptrain.prepare import main as prepare
-from gptrain.train import TrainingError, train
+from gptrain.train import TrainingError, find_batch_size, train
 
 
 def losses(history: list[dict], key: str = "train/loss") -> dict[int, float]:
@@ -91,3 +93,44 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_do(tiny_config, capsys
     train(tiny_config("max_iters=4", "eval_interval=4"))
     assert train(tiny_config("init_from=resume", "max_iters=4")) == []
     assert "the checkpoint is at iter 4, max_iters is 4: nothing to train" in capsys.readouterr().out
+
+
+def test_a_failing_torch_compile_falls_back_to_eager_and_trains(tiny_config, monkeypatch, capsys):
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=no_compiler))
+    history = train(tiny_config("compile=true", "max_iters=10", "eval_interval=10"))
+    out = capsys.readouterr().out
+    assert out.count("warning: torch.compile failed") == 1 and "no C++ compiler found" in out
+    val = losses(history, "val/loss")
+    assert val[10] < val[0]
+
+
+def test_the_run_record_is_written_and_kept_in_checkpoints(tiny_config, tmp_path):
+    config = tiny_config("max_iters=auto", "tokens_per_step=512", "gradient_accumulation_steps=null",
+                         "tokens_per_param=0.5", "eval_interval=1000")
+    history = train(config)
+    params = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    steps = -(-round(0.5 * GPT(model_config_from(params)).num_params()) // 512)
+    assert max(losses(history)) == steps - 1  # max_iters=auto: tokens_per_param tokens per parameter
+    recorded = load_config([str(tmp_path / "out" / "config.yaml")])
+    assert (recorded.max_iters, recorded.tokens_per_step, recorded.batch_size) == (steps, 512, 8)
+    environment = json.loads((tmp_path / "out" / "environment.json").read_text())
+    assert environment["torch"] == torch.__version__ and environment["world_size"] == 1
+    assert params["environment"] == environment and params["config"]["max_iters"] == steps
+
+
+def test_batch_size_auto_takes_the_largest_micro_batch_that_fits():
+    tried = []
+
+    def trial(size):  # as if a micro-batch of more than 6 sequences ran out of GPU memory
+        tried.append(size)
+        if size > 6:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    assert find_batch_size(trial, [1, 2, 3, 4, 6, 8, 12, 24]) == 6
+    assert tried == [24, 12, 8, 6]
+    with pytest.raises(TrainingError, match="not even one sequence"):
+        find_batch_size(trial, [8, 12])
