@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from gptrain.config import TrainConfig
+from gptrain.config import ConfigError, TrainConfig
 from gptrain.distributed import DistInfo
+from gptrain.extras import require
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak per GPU, TFLOP/s, from the vendors' datasheets.
 # Matched in order against torch.cuda.get_device_name(), so the more specific names come first.
@@ -56,6 +57,8 @@ class MetricsLogger:
         self.active = info.is_main
         self.history: deque[dict] = deque(maxlen=10_000)  # the latest records, for callers such as tests
         self.jsonl = self.tensorboard = self.wandb = None
+        # checked on every rank, so that all stop alike
+        wandb = require("wandb", "wandb", "wandb_log=true", error=ConfigError) if config.wandb_log else None
         if not self.active:
             return
         log_dir = Path(config.log_dir)
@@ -65,9 +68,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter  # imported late: it takes a second
 
             self.tensorboard = SummaryWriter(log_dir=str(log_dir))
-        if config.wandb_log:
-            import wandb  # an explicit wandb_log=true without wandb installed should fail loudly
-
+        if wandb is not None:
             self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name,
                                     config=vars(config), resume="allow")
 

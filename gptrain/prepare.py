@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gptrain.tokenizer import CharTokenizer, Tokenizer, TokenizerError, from_meta, get_tokenizer
+from gptrain.extras import require
+from gptrain.tokenizer import CharTokenizer, Tokenizer, TokenizerError, check_spec, from_meta, get_tokenizer
 
 CHUNK_CHARS = 4 << 20  # text per worker task: large enough to amortize pickling, small enough for RAM
 PIECE_BYTES = 1 << 20  # a large text file is read and tokenized in pieces of about this size
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=2357, help="seed for choosing the validation documents")
     p.add_argument("--max_docs", type=int, help="read only the first N documents, for a quick subset")
     p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
+    p.add_argument(
+        "--start_method", choices=multiprocessing.get_all_start_methods(),
+        help="how tokenizer processes start (default: fork on Linux unless torch is loaded, else spawn)",
+    )
     p.add_argument("--overwrite", action="store_true", help="rebuild even if --out_dir holds a finished dataset")
     return p
 
@@ -155,7 +160,7 @@ def _jsonl_documents(path: Path, column: str) -> Iterator[Document]:
 
 
 def _parquet_documents(path: Path, column: str) -> Iterator[Document]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # open_corpus has checked that it is installed
 
     table = pq.ParquetFile(path)
     if column not in table.schema_arrow.names:
@@ -198,14 +203,6 @@ def _file_documents(paths: list[Path], column: str) -> Iterator[Document]:
             yield from _parquet_documents(path, column)
 
 
-def _import_datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise PrepareError("reading datasets needs the datasets library: pip install 'gptrain[data]'") from None
-    return datasets
-
-
 def _dataset_corpus(ds, description: str, column: str, version: str = "") -> Corpus:
     if ds.column_names is not None and column not in ds.column_names:
         raise PrepareError(f"{description} has no {column!r} column (has {ds.column_names}; set --text_column)")
@@ -218,7 +215,7 @@ def _dataset_corpus(ds, description: str, column: str, version: str = "") -> Cor
 def open_corpus(args: argparse.Namespace) -> Corpus:
     """Resolve --input / --dataset into a Corpus, failing early on paths or columns that do not exist."""
     if args.dataset:
-        datasets = _import_datasets()
+        datasets = require("datasets", "data", "--dataset", error=PrepareError)
         try:
             ds = datasets.load_dataset(
                 args.dataset, args.config, split=args.split, streaming=args.streaming, cache_dir=args.cache_dir,
@@ -232,7 +229,8 @@ def open_corpus(args: argparse.Namespace) -> Corpus:
     if not path.exists():
         raise PrepareError(f"--input {path} does not exist")
     if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
-        ds = _import_datasets().load_from_disk(str(path))
+        datasets = require("datasets", "data", f"--input {path} (a saved dataset)", error=PrepareError)
+        ds = datasets.load_from_disk(str(path))
         if hasattr(ds, "keys"):  # a DatasetDict saved whole
             if args.split not in ds:
                 raise PrepareError(f"{path} has no split {args.split!r} (has {list(ds)}; set --split)")
@@ -247,6 +245,8 @@ def open_corpus(args: argparse.Namespace) -> Corpus:
         paths = [path]
     else:
         raise PrepareError(f"--input {path}: expected a {', '.join(TEXT_SUFFIXES)} file or a directory")
+    if any(p.suffix == ".parquet" for p in paths):
+        require("pyarrow.parquet", "data", "reading .parquet files", error=PrepareError)
     single = paths[0] if len(paths) == 1 and paths[0].suffix == ".txt" else None
     size = sum(p.stat().st_size for p in paths)
     documents = lambda: _file_documents(paths, args.text_column)  # noqa: E731
@@ -307,16 +307,19 @@ def _chunks(docs: Iterable[tuple[str, Document]]) -> Iterator[list[tuple[str, st
 _worker: dict = {}  # each worker process's tokenizer and output dtype, set by _init_worker
 
 
-def _init_worker(tokenizer_meta: dict, dtype: str, parent: int) -> None:
+def _init_worker(tokenizer_meta: dict, dtype: str) -> None:
     _worker["tokenizer"] = from_meta(tokenizer_meta)
     _worker["dtype"] = dtype
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Idle workers of a killed (SIGKILL) run would wait forever on their queue; end them instead."""
-    while os.getppid() == parent:
-        time.sleep(1)
+def _exit_with_parent() -> None:
+    """Idle workers of a killed (SIGKILL) run would wait forever on their queue; end them instead.
+
+    The parent's sentinel works under every start method; os.getppid() would name the server under
+    forkserver, and never changes on Windows.
+    """
+    multiprocessing.parent_process().join()
     os._exit(1)
 
 
@@ -411,9 +414,20 @@ class PartialOutput:
         return {split: {**self.stats[split], "sha256": self.digests[split].hexdigest()} for split in SPLITS}
 
 
+def default_start_method() -> str:
+    """fork where it is safe, else spawn.
+
+    fork starts workers at once with the tables the tokenizer built here; spawn re-imports and
+    rebuilds them in every worker, 0.4 to 1 s more per run on 2 cores. macOS and Windows have no
+    safe fork, and a process that loaded torch (a training script, a notebook) may be running
+    thread pools, whose locks a fork would copy without their threads.
+    """
+    return "fork" if sys.platform == "linux" and "torch" not in sys.modules else "spawn"
+
+
 def tokenize(
     chunks: Iterable[list], tokenizer: Tokenizer, dtype: str, num_proc: int, output: PartialOutput,
-    total_docs: int | None,
+    total_docs: int | None, start_method: str,
 ) -> None:
     """Tokenize chunks on `num_proc` processes into `output`, in order, skipping those it already holds."""
     done_docs = sum(s["documents"] for s in output.stats.values())
@@ -426,13 +440,11 @@ def tokenize(
         bar.update(sum(s["documents"] for s in stats.values()))
         bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.2f}M tok/s")
 
-    # On Linux, fork: workers start at once and inherit tables the tokenizer builds lazily (GPT-2's
-    # BPE ranks, built here by a first encode); spawn would re-import and rebuild them in every
-    # worker, about 0.5 s of CPU each. Elsewhere fork is unsafe or missing, so spawn.
-    tokenizer.encode("")
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    if start_method == "fork":
+        tokenizer.encode("")  # builds its lazy tables (GPT-2's BPE ranks) once, here, for every worker
+    context = multiprocessing.get_context(start_method)
     with tqdm(total=total_docs, initial=done_docs, unit="doc", desc="tokenizing", dynamic_ncols=True) as bar, \
-            ProcessPoolExecutor(num_proc, context, _init_worker, (tokenizer.meta(), dtype, os.getpid())) as pool:
+            ProcessPoolExecutor(num_proc, context, _init_worker, (tokenizer.meta(), dtype)) as pool:
         in_flight: deque = deque()  # bounded, so a fast reader cannot pile the corpus up in memory
         for chunk in itertools.islice(chunks, output.chunks, None):
             in_flight.append(pool.submit(_tokenize_chunk, chunk))
@@ -496,6 +508,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def prepare(args: argparse.Namespace) -> dict | None:
     """Run `gptrain prepare`; return the metadata written, or None when the output was already finished."""
     _check_args(args)
+    check_spec(args.tokenizer)  # before a hub dataset is downloaded for a tokenizer that cannot run
     out_dir = Path(args.out_dir)
     if (out_dir / "meta.json").exists() or (out_dir / "meta.pkl").exists():
         if not args.overwrite:
@@ -521,7 +534,7 @@ def prepare(args: argparse.Namespace) -> dict | None:
     output = PartialOutput(out_dir, fingerprint, np.dtype(dtype).itemsize)
     chunks = _chunks(split_documents(corpus, args.val_fraction, args.seed, args.max_docs))
     total_docs = corpus.num_docs if args.max_docs is None else min(args.max_docs, corpus.num_docs or args.max_docs)
-    tokenize(chunks, tokenizer, dtype, args.num_proc, output, total_docs)
+    tokenize(chunks, tokenizer, dtype, args.num_proc, output, total_docs, args.start_method or default_start_method())
     totals = output.finish()
     if totals["train"]["tokens"] + totals["val"]["tokens"] == 0:
         raise PrepareError(f"{corpus.description} holds no text")

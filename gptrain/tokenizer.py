@@ -12,8 +12,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
+
+from gptrain.extras import require
 
 ASSETS = Path(__file__).parent / "assets" / "gpt2"
 END_OF_TEXT = "<|endoftext|>"
@@ -112,6 +115,11 @@ class GPT2Tokenizer(Tokenizer):
         return {"name": "gpt2"}
 
 
+def _tokenizers(spec: str) -> ModuleType:
+    """The `tokenizers` package, which bpe and hf: tokenizers run on."""
+    return require("tokenizers", "data", f"the {spec} tokenizer", error=TokenizerError)
+
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers` tokenizer: one trained by `train_bpe` or loaded by `hf:NAME_OR_PATH`.
 
@@ -119,11 +127,9 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, name: str, tokenizer_json: str, eot_id: int | None):
-        from tokenizers import Tokenizer as _Tokenizer
-
         self.name = name
         self.eot_id = eot_id
-        self._tok = _Tokenizer.from_str(tokenizer_json)
+        self._tok = _tokenizers(name).Tokenizer.from_str(tokenizer_json)
         # Text that happens to contain "<|endoftext|>" is data, not a document boundary.
         self._tok.encode_special_tokens = True
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
@@ -140,18 +146,17 @@ class HFTokenizer(Tokenizer):
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     """Train a byte-level BPE (GPT-2 style, so any text is encodable) with `<|endoftext|>` as id 0."""
-    from tokenizers import Tokenizer as _Tokenizer, decoders, models, pre_tokenizers, trainers
-
+    tk = _tokenizers("bpe")
     if vocab_size < 257:
         raise TokenizerError(f"--vocab_size {vocab_size} is too small for a byte-level BPE (at least 257)")
-    tok = _Tokenizer(models.BPE())
+    tok = tk.Tokenizer(tk.models.BPE())
     # No prefix space: encoding documents one by one then concatenating equals encoding the whole.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[END_OF_TEXT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
@@ -160,8 +165,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
 
 def _load_hf(name_or_path: str) -> HFTokenizer:
     """Load tokenizer.json from a directory, a file, or the hub, and find its end-of-text token."""
-    from tokenizers import Tokenizer as _Tokenizer
-
+    _Tokenizer = _tokenizers(f"hf:{name_or_path}").Tokenizer
     path = Path(name_or_path)
     config_file = path / "tokenizer_config.json" if path.is_dir() else None
     try:
@@ -194,21 +198,28 @@ def _hub_file(repo: str, filename: str) -> Path | None:
         return None
 
 
+def check_spec(spec: str) -> None:
+    """Fail before any corpus is read if `spec` names no tokenizer or one whose package is missing."""
+    if spec == "bpe" or spec.startswith("hf:"):
+        _tokenizers(spec)
+    elif spec not in ("gpt2", "char"):
+        raise TokenizerError(f"unknown tokenizer {spec!r}; use gpt2, char, bpe or hf:NAME_OR_PATH")
+
+
 def get_tokenizer(spec: str, texts: Iterable[str] | None = None, vocab_size: int | None = None) -> Tokenizer:
     """Build a tokenizer from its command-line spec; `char` and `bpe` learn from `texts`."""
+    check_spec(spec)
     if spec == "gpt2":
         return GPT2Tokenizer()
     if spec.startswith("hf:"):
         return _load_hf(spec[3:])
-    if spec in ("char", "bpe") and texts is None:
+    if texts is None:
         raise TokenizerError(f"tokenizer {spec!r} is built from a corpus; pass its texts")
     if spec == "char":
         return CharTokenizer.from_corpus(texts)
-    if spec == "bpe":
-        if vocab_size is None:
-            raise TokenizerError("tokenizer 'bpe' needs a vocabulary size (--vocab_size)")
-        return train_bpe(texts, vocab_size)
-    raise TokenizerError(f"unknown tokenizer {spec!r}; use gpt2, char, bpe or hf:NAME_OR_PATH")
+    if vocab_size is None:
+        raise TokenizerError("tokenizer 'bpe' needs a vocabulary size (--vocab_size)")
+    return train_bpe(texts, vocab_size)
 
 
 def from_meta(meta: dict) -> Tokenizer:

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import multiprocessing
 import pickle
 import re
 import subprocess
@@ -213,3 +214,19 @@ def test_bad_input_stops_with_one_line(tmp_path, capsys, setup, argv, message):
     assert exit.value.code == 2 and "Traceback" not in err
     assert err.endswith("\n") and err.rstrip("\n").split("\n")[-1].startswith("error: ") and message in err
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="this platform cannot fork")
+def test_spawn_writes_what_fork_writes(tmp_path, monkeypatch):
+    import torch  # here, and last in the file: once torch is loaded, every later run spawns
+
+    torch.ones(512, 512) @ torch.ones(512, 512)  # torch's threads now run, as in a training script
+    assert prepare.default_start_method() == "spawn"
+    monkeypatch.setattr(prepare, "PIECE_BYTES", 10_000)  # several chunks on two workers: their order counts
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 20_000)
+    corpus = tmp_path / "input.txt"
+    corpus.write_text(SHAKESPEARE[:100_000])
+    run("--input", str(corpus), "--out_dir", str(tmp_path / "spawn"), num_proc=2)
+    run("--input", str(corpus), "--out_dir", str(tmp_path / "fork"), "--start_method", "fork", num_proc=2)
+    for name in ("train.bin", "val.bin", "meta.json", "meta.pkl"):
+        assert (tmp_path / "spawn" / name).read_bytes() == (tmp_path / "fork" / name).read_bytes()
