@@ -13,6 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -193,6 +194,6 @@ class StopRequest:
         return self.signal != 0
 
 
-def print0(info: DistInfo, *args, **kwargs) -> None:
+def print0(info: DistInfo, text: str) -> None:
     if info.is_main:
-        print(*args, **kwargs, flush=True)
+        tqdm.write(text)  # above the progress bar, when there is one

@@ -8,6 +8,7 @@ from collections import deque
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from gptrain.config import ConfigError, TrainConfig
 from gptrain.distributed import DistInfo
@@ -38,15 +39,22 @@ def peak_flops(config: TrainConfig, device: torch.device, dtype: torch.dtype) ->
     return None
 
 
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
 def format_record(record: dict) -> str:
     parts = [f"iter {record['step']}"]
     for key, label, fmt in [
         ("train/loss", "loss", "{:.4f}"), ("val/loss", "val loss", "{:.4f}"), ("eval/train_loss", "train loss", "{:.4f}"),
         ("lr", "lr", "{:.2e}"), ("grad_norm", "grad norm", "{:.2f}"), ("ms_per_iter", "", "{:.1f} ms/iter"),
-        ("tokens_per_sec", "", "{:,.0f} tok/s"), ("mfu", "mfu", "{:.1%}"),
+        ("tokens_per_sec", "", "{:,.0f} tok/s"), ("mfu", "mfu", "{:.1%}"), ("eta_s", "eta", _duration),
     ]:
         if record.get(key) is not None:
-            parts.append(f"{label} {fmt.format(record[key])}".strip())
+            text = fmt(record[key]) if callable(fmt) else fmt.format(record[key])
+            parts.append(f"{label} {text}".strip())
     return " | ".join(parts)
 
 
@@ -76,7 +84,7 @@ class MetricsLogger:
         if not self.active:
             return
         self.history.append(record)
-        print(format_record(record), flush=True)
+        tqdm.write(format_record(record))  # above the progress bar, when there is one
         # an fp16 overflow step has an infinite gradient norm; strict JSON has no Infinity, so null
         finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}
         self.jsonl.write(json.dumps(finite) + "\n")
