@@ -163,7 +163,8 @@ class StopRequest:
 
     def __init__(self, info: DistInfo, device: torch.device):
         self.info = info
-        self.signal = 0  # the number of the signal received, 0 while none
+        self.received = 0  # the number of the signal this process received; only the handler writes it
+        self.signal = 0  # the one the ranks agreed on, 0 while none
         self._previous: dict = {}
         # The flag crosses over gloo on the CPU, so asking every step never waits for the GPU.
         self._group = dist.new_group(backend="gloo") if info.enabled and device.type != "cpu" else None
@@ -178,7 +179,7 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame) -> None:
-        self.signal = signum
+        self.received = signum
 
     @property
     def name(self) -> str:
@@ -186,7 +187,8 @@ class StopRequest:
 
     def requested(self) -> bool:
         """True on every rank as soon as any rank has received a signal (a collective when distributed);
-        then every rank also knows which."""
+        then every rank also knows which. A signal that lands during the collective counts at the next call."""
+        self.signal = self.received
         if self.info.enabled:
             flag = torch.tensor([self.signal])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)

@@ -49,6 +49,48 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
+class Job:
+    """A command run in the background. Its output goes to files: a pipe that nobody reads while the test
+    waits can fill up and stall the run."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict):
+        self.stdout, self.stderr = log.with_suffix(".out"), log.with_suffix(".err")
+        with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
+            self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err)
+
+    def wait(self, timeout: float) -> tuple[int, str, str]:
+        """Exit code, stdout and stderr once it has ended."""
+        code = self.process.wait(timeout=timeout)
+        return code, self.stdout.read_text(), self.stderr.read_text()
+
+    def kill(self) -> None:
+        """It and everything it started (torchrun's workers run in sessions of their own)."""
+        def tree(pid: int) -> list[int]:
+            children = [int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()]
+            return [pid] + [p for child in children for p in tree(child)]
+
+        for pid in tree(self.process.pid) if self.process.poll() is None else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
+
+
+@pytest.fixture
+def background(tmp_path):
+    """Start jobs with background(cmd); whatever the test does, none outlives it."""
+    jobs = []
+
+    def start(cmd: list[str], env: dict = ENV) -> Job:
+        jobs.append(Job(cmd, tmp_path / f"job{len(jobs)}", env))
+        return jobs[-1]
+
+    yield start
+    for job in jobs:
+        job.kill()
+
+
 def wait_for_records(run_dir: Path, count: int, timeout: float = 120) -> None:
     """Until a run in the background has logged `count` records (so it is mid-training)."""
     metrics, deadline = run_dir / "logs" / "metrics.jsonl", time.monotonic() + timeout
@@ -119,16 +161,14 @@ def test_generate_and_fine_tuning_read_an_fsdp_checkpoint_directly(char_data, tm
     assert by_step(finetuned, "val/loss")[0] == pytest.approx(by_step(records(tmp_path), "val/loss")[6], abs=1e-5)
 
 
-def test_two_nodes_on_localhost_train_the_same_model_as_one(one_process, char_data, tmp_path):
+def test_two_nodes_on_localhost_train_the_same_model_as_one(one_process, char_data, tmp_path, background):
     port = free_port()
-    nodes = [subprocess.Popen(torchrun("--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
-                                       "--master_addr=127.0.0.1", f"--master_port={port}",
-                                       args=args_for(tmp_path, char_data)),
-                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    nodes = [background(torchrun("--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
+                                 "--master_addr=127.0.0.1", f"--master_port={port}", args=args_for(tmp_path, char_data)))
              for rank in (0, 1)]
-    outputs = [node.communicate(timeout=300) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs
-    assert "2 process(es), ddp" in outputs[0][0] and outputs[1][0] == ""  # only rank 0 prints
+    outputs = [node.wait(timeout=300) for node in nodes]
+    assert [code for code, _, _ in outputs] == [0, 0], outputs
+    assert "2 process(es), ddp" in outputs[0][1] and outputs[1][1] == ""  # only rank 0 prints
     assert_same_run(tmp_path, one_process)
 
 
@@ -160,15 +200,15 @@ LAUNCH_2 = [sys.executable, "-m", "gptrain.cli", "launch", "--standalone", "--np
     (LAUNCH_2, signal.SIGUSR1, 0),
     ([sys.executable], signal.SIGTERM, 0),  # one process, no launcher
 ], ids=["torchrun", "launch-TERM", "launch-USR1", "one-process"])
-def test_a_stop_signal_checkpoints_the_step_reached_and_resumes(launcher, sig, exit_code, char_data, tmp_path):
+def test_a_stop_signal_checkpoints_the_step_reached_and_resumes(launcher, sig, exit_code, char_data, tmp_path,
+                                                                background):
     long_run = ["max_iters=100000", "lr_decay_iters=1000", "eval_interval=100000"]
-    process = subprocess.Popen([*launcher, "train.py", *args_for(tmp_path, char_data, *long_run)],
-                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = background([*launcher, "train.py", *args_for(tmp_path, char_data, *long_run)])
     wait_for_records(tmp_path, 6)
-    process.send_signal(sig)
-    stdout, stderr = process.communicate(timeout=120)
+    job.process.send_signal(sig)
+    code, stdout, stderr = job.wait(timeout=120)
 
-    assert process.returncode == exit_code, stdout + stderr
+    assert code == exit_code, stdout + stderr
     stopped = load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"]
     logged = max(by_step(records(tmp_path), "train/loss"))
     assert stopped == logged + 1 >= 5, stdout + stderr  # every step that ran is in the checkpoint
@@ -186,27 +226,22 @@ def test_a_stop_signal_checkpoints_the_step_reached_and_resumes(launcher, sig, e
     (signal.SIGSTOP, "Timed out"),  # hung, not dead: its sockets stay open until the timeout
     (signal.SIGKILL, "Connection (closed|reset) by peer"),  # dead: noticed at the next collective
 ])
-def test_a_rank_that_hangs_or_dies_stops_the_others_within_the_timeout(failure, message, char_data, tmp_path):
+def test_a_rank_that_hangs_or_dies_stops_the_others_within_the_timeout(failure, message, char_data, tmp_path,
+                                                                        background):
     """Launched without torchrun, which would otherwise stop the job itself: only the ranks can notice."""
     port, timeout = free_port(), 5
     args = args_for(tmp_path, char_data, "max_iters=100000", "lr_decay_iters=1000", "eval_interval=100000",
                     f"dist_timeout_s={timeout}")
-    ranks = [subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**ENV, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    ranks = [background([sys.executable, "train.py", *args],
+                        env={**ENV, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
              for rank in (0, 1)]
     wait_for_records(tmp_path, 4)
-    ranks[1].send_signal(failure)
+    ranks[1].process.send_signal(failure)
     failed_at = time.monotonic()
-    try:
-        _, stderr = ranks[0].communicate(timeout=timeout + 30)
-        waited = time.monotonic() - failed_at
-    finally:
-        ranks[1].kill()
-        ranks[1].communicate()
-    assert ranks[0].returncode != 0
-    assert waited < timeout + 30
+    code, _, stderr = ranks[0].wait(timeout=timeout + 30)
+    assert code != 0
+    assert time.monotonic() - failed_at < timeout + 30
     assert re.search(message, stderr), stderr[-2000:]
 
 
