@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import pickle
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +59,15 @@ def open_tokens(data_dir: str | Path, split: str, meta: dict) -> np.memmap:
 class BatchSampler:
     """Random `block_size` windows from a token file.
 
-    Micro-batch `index` of optimizer step `step` is a pure function of (seed, step, index), whichever
-    process draws it: a run on any number of processes sees the same data, and the step number alone
-    is the data position that a checkpoint needs to replay it.
+    Sequence j of optimizer step `step` is a pure function of (seed, step, j), and micro-batch `index`
+    holds sequences index * batch_size onwards, whichever process draws it: a run on any number of
+    processes, with any micro-batch, sees the same data, and the step number alone is the data position
+    that a checkpoint needs to replay it.
+
+    Windows of a file opened by `open_tokens` are read with `os.pread`, not through its memmap: pages read
+    through a mapping stay mapped and count in the process's RSS, which over a long run of random windows
+    climbs towards the size of the file (17 GB for OpenWebText). Pages read with pread only sit in the
+    page cache, shared and reclaimable. The memmap still gives the length and dtype.
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
@@ -66,13 +75,31 @@ class BatchSampler:
             raise DataError(f"{len(tokens)} tokens is too few for block_size {block_size}")
         self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
         self._offsets = np.arange(block_size + 1)
+        self._fd = None
+        # a whole file's mapping, not a view of one; Windows has no pread and keeps reading through the map
+        if isinstance(tokens, np.memmap) and isinstance(tokens.base, mmap.mmap) and hasattr(os, "pread"):
+            self._fd = os.open(tokens.filename, os.O_RDONLY)
+            weakref.finalize(self, os.close, self._fd)
 
     def batch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets, both (batch_size, block_size) int64 on the CPU."""
-        rng = np.random.default_rng([self.seed, step, index])
-        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
-        windows = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
+        # Each step draws one stream of window starts; micro-batch `index` takes its batch_size of them in
+        # turn, so the step's sequences are the same whatever the micro-batch (a prefix of a longer draw
+        # equals the shorter draw).
+        rng = np.random.default_rng([self.seed, step])
+        first = index * self.batch_size
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=first + self.batch_size)[first:]
+        windows = torch.from_numpy(self._read(starts).astype(np.int64))
         return windows[:, :-1], windows[:, 1:]
+
+    def _read(self, starts: np.ndarray) -> np.ndarray:
+        """The windows of block_size + 1 tokens at `starts`, one row each."""
+        if self._fd is None:  # an array in memory, a view of a memmap, or Windows
+            return self.tokens[starts[:, None] + self._offsets]
+        itemsize, length = self.tokens.itemsize, len(self._offsets)
+        data = b"".join([os.pread(self._fd, length * itemsize, self.tokens.offset + start * itemsize)
+                         for start in starts.tolist()])
+        return np.frombuffer(data, self.tokens.dtype).reshape(len(starts), length)
 
 
 def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -110,6 +110,7 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
         raise DataError(f"the data's vocabulary ({meta['vocab_size']}) is larger than the model's ({model_config.vocab_size})")
 
     auto_batch = config.batch_size == "auto"
+    eval_batch = config.batch_size  # as asked: evaluation batches must not change with the world size
     config = plan_batch(replace(config, compile=device.type == "cuda" if config.compile == "auto" else config.compile),
                         model_config.block_size, info.world_size, 1 if auto_batch else config.batch_size)
 
@@ -123,20 +124,22 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
         sizes = [b for b in range(1, share + 1) if share % b == 0 and (device.type == "cuda" or b <= 12)]
         fits = find_batch_size(lambda size: _trial_step(model, raw_model, size, model_config.block_size, device,
                                                         autocast(device, dtype)), sizes)
-        config = plan_batch(config, model_config.block_size, info.world_size, min_across_ranks(fits, info, device))
+        eval_batch = min_across_ranks(fits, info, device)
+        config = plan_batch(config, model_config.block_size, info.world_size, eval_batch)
     config = plan_horizon(config, raw_model.num_params())
     optimizer = build_optimizer(raw_model, config, device.type)
     if checkpoint is not None:
         load_weights(raw_model, checkpoint, path, optimizer if resume else None)
 
     train_tokens, val_tokens = open_tokens(config.data_dir, "train", meta), open_tokens(config.data_dir, "val", meta)
-    sampler = lambda tokens, seed: BatchSampler(tokens, model_config.block_size, config.batch_size, seed)  # noqa: E731
+    sampler = lambda tokens, size, seed: BatchSampler(tokens, model_config.block_size, size, seed)  # noqa: E731
     run = Run(
         config=config, info=info, device=device, dtype=dtype, raw_model=raw_model, model=model,
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        train_batches=sampler(train_tokens, config.seed),
+        train_batches=sampler(train_tokens, config.batch_size, config.seed),
         # evaluation draws from its own streams, apart from the training data
-        eval_batches={"train": sampler(train_tokens, config.seed + 1), "val": sampler(val_tokens, config.seed + 1)},
+        eval_batches={"train": sampler(train_tokens, eval_batch, config.seed + 1),
+                      "val": sampler(val_tokens, eval_batch, config.seed + 1)},
         tokenizer_meta=meta.get("tokenizer"), logger=MetricsLogger(config, info, resume),
         stop=StopRequest(info, device),
     )

@@ -1,3 +1,4 @@
+import os
 import pickle
 
 import numpy as np
@@ -30,6 +31,19 @@ def test_steps_indices_and_seeds_draw_different_batches():
     assert not torch.equal(first(0, 0, 0), first(0, 0, 1))
     assert not torch.equal(first(0, 0, 0), first(0, 1, 0))
     assert not torch.equal(first(0, 0, 0), first(1, 0, 0))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_windows_read_from_the_file_are_those_of_the_tokens_in_memory(tmp_path, monkeypatch, dtype):
+    tokens = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, 80, dtype=dtype)  # windows reach the end
+    tokens.tofile(tmp_path / "train.bin")
+    from_file = BatchSampler(open_tokens(tmp_path, "train", {"dtype": np.dtype(dtype).name}), 64, 16, seed=0)
+    in_memory = BatchSampler(tokens, 64, 16, seed=0)
+    reads, pread = [], os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, offset: reads.append(offset) or pread(fd, n, offset))
+    for step in range(5):
+        assert all(torch.equal(a, b) for a, b in zip(from_file.batch(step, 0), in_memory.batch(step, 0)))
+    assert len(reads) == 5 * 16  # one read per window, none through the memmap
 
 
 def test_too_little_data_for_a_block_is_a_clear_error():
@@ -77,3 +91,10 @@ def test_a_token_file_that_disagrees_with_its_metadata_is_refused(tmp_path):
         open_tokens(tmp_path, "train", {"dtype": "uint16", "train": {"tokens": 200}})
     with pytest.raises(DataError, match="holds 50 tokens"):  # uint16 data read as uint32
         open_tokens(tmp_path, "train", {"dtype": "uint32", "train": {"tokens": 100}})
+
+
+def test_a_step_holds_the_same_sequences_whatever_the_micro_batch():
+    tokens = np.random.default_rng(0).integers(0, 65, 10_000).astype(np.uint16)
+    whole = BatchSampler(tokens, 16, 8, seed=3).batch(7, 0)[0]
+    halves = [BatchSampler(tokens, 16, 4, seed=3).batch(7, i)[0] for i in (0, 1)]
+    assert torch.equal(whole, torch.cat(halves))
