@@ -178,7 +178,8 @@ def _summary(run: Run, dataset_tokens: int) -> str:
         f"model      {_size(model.num_params(non_embedding=False))} parameters "
         f"({_size(model.num_params() - c.vocab_size * c.n_embd)} without embeddings): {c.n_layer} layers, "
         f"{c.n_embd} wide, {c.n_head} heads, context {c.block_size}, vocabulary {c.vocab_size:,}",
-        f"batch      {run.tokens_per_step:,} tokens per step = {config.gradient_accumulation_steps} micro-batches of "
+        f"batch      {run.tokens_per_step:,} tokens per step = {config.gradient_accumulation_steps} "
+        f"micro-batch{'es' if config.gradient_accumulation_steps > 1 else ''} of "
         f"{config.batch_size} x {c.block_size}: {micro_per_rank} on each of {info.world_size} process(es), "
         f"{config.parallelism}",
         f"compute    {model.flops_per_token() / 1e6:,.1f} MFLOP per token (6 per parameter + 12 x layers x width x "
