@@ -62,7 +62,7 @@ def atomic_torch_save(obj: dict, path: str | Path) -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(path: str | Path, run_state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(path: str | Path, run_state: dict, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     info: DistInfo, sharded: bool) -> None:
     """Every rank calls it. Parameter names are the bare model's, whatever wraps it."""
     path = Path(path)

@@ -120,11 +120,7 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
     raw_model = GPT(model_config)
     model = parallelize(raw_model, config, info, device, dtype)
     if auto_batch:
-        share = config.tokens_per_step // model_config.block_size // info.world_size
-        sizes = [b for b in range(1, share + 1) if share % b == 0 and (device.type == "cuda" or b <= 12)]
-        fits = find_batch_size(lambda size: _trial_step(model, raw_model, size, model_config.block_size, device,
-                                                        autocast(device, dtype)), sizes)
-        eval_batch = min_across_ranks(fits, info, device)
+        eval_batch = _largest_micro_batch(config, model, raw_model, info, device, dtype)
         config = plan_batch(config, model_config.block_size, info.world_size, eval_batch)
     config = plan_horizon(config, raw_model.num_params())
     optimizer = build_optimizer(raw_model, config, device.type)
@@ -216,7 +212,19 @@ def find_batch_size(trial, sizes: list[int]) -> int:
                         "model or block_size, or dtype=bfloat16")
 
 
-def _trial_step(model: nn.Module, raw_model: nn.Module, size: int, block_size: int, device: torch.device,
+def _largest_micro_batch(config: TrainConfig, model: nn.Module, raw_model: GPT, info: DistInfo,
+                         device: torch.device, dtype: torch.dtype) -> int:
+    """batch_size=auto: the most of each process's sequences per step that fit (on CUDA; at most 12
+    elsewhere, where nothing runs out of memory), agreed by every rank."""
+    block_size = raw_model.config.block_size
+    share = config.tokens_per_step // block_size // info.world_size
+    sizes = [b for b in range(1, share + 1) if share % b == 0 and (device.type == "cuda" or b <= 12)]
+    fits = find_batch_size(lambda size: _trial_step(model, raw_model, size, block_size=block_size, device=device,
+                                                    amp=autocast(device, dtype)), sizes)
+    return min_across_ranks(fits, info, device)
+
+
+def _trial_step(model: nn.Module, raw_model: nn.Module, size: int, *, block_size: int, device: torch.device,
                 amp) -> None:
     """A forward and backward at the real shape, with AdamW's two moments (not allocated before its first
     step) stood in for by as much memory; gradients are not reduced, so each rank probes alone."""
@@ -243,7 +251,8 @@ def save(run: Run) -> None:
         "tokenizer": run.tokenizer_meta,
     }
     path = Path(run.config.out_dir) / "ckpt.pt"
-    save_checkpoint(path, run_state, run.raw_model, run.optimizer, run.info, sharded=run.config.parallelism == "fsdp")
+    save_checkpoint(path, run_state, model=run.raw_model, optimizer=run.optimizer, info=run.info,
+                    sharded=run.config.parallelism == "fsdp")
     run.saved_step = run.step
     print0(run.info, f"saved {path} at iter {run.step}")
 

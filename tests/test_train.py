@@ -122,6 +122,14 @@ def test_the_run_record_is_written_and_kept_in_checkpoints(tiny_config, tmp_path
     assert params["environment"] == environment and params["config"]["max_iters"] == steps
 
 
+def test_batch_size_auto_runs_trial_steps_and_keeps_tokens_per_step(tiny_config, capsys):
+    # on the CPU nothing runs out of memory: the largest divisor of the step's 16 sequences up to 12
+    history = train(tiny_config("batch_size=auto", "tokens_per_step=512", "gradient_accumulation_steps=null",
+                                "max_iters=2", "eval_interval=2"))
+    assert "512 tokens per step = 2 micro-batches of 8 x 32" in capsys.readouterr().out
+    assert losses(history, "val/loss")[2] < losses(history, "val/loss")[0]
+
+
 def test_batch_size_auto_takes_the_largest_micro_batch_that_fits():
     tried = []
 
