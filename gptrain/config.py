@@ -34,7 +34,8 @@ class GPTConfig:
 
     block_size: int = setting(1024, "context length in tokens")
     vocab_size: Optional[int] = setting(
-        None, "vocabulary size; null = the data's meta.json vocab_size rounded up to a multiple of 64"
+        None, "vocabulary size; null = the data's meta.json vocab_size, rounded up to a multiple of 64 where that "
+        "adds under 1%"
     )
     n_layer: int = setting(12, "transformer blocks")
     n_head: int = setting(12, "attention heads per block")

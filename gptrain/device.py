@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import platform
 import subprocess
 import sys
@@ -44,6 +45,25 @@ def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def keep_freed_host_memory() -> None:
+    """Let glibc keep freed memory for reuse instead of returning it to the OS (Linux; elsewhere nothing).
+
+    A CPU training step frees and reallocates the same activation buffers every step. By default glibc
+    unmaps large blocks on free and trims the heap's top, so each step faults hundreds of pages back
+    in, zeroed: about 5 to 10% of a small model's step. Raising both thresholds to 1 GiB keeps them
+    (the process's memory then stays at its peak, which a training run reaches every step anyway).
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, for one): nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 def environment(world_size: int) -> dict:

@@ -1,4 +1,5 @@
-"""Sample text from a checkpoint with the KV cache, streaming it to stdout as it is produced.
+"""Sample text from a checkpoint with the KV cache: one sample streams to stdout as it is produced;
+several are decoded together, as the rows of one batch, and printed when all are done.
 
 Usage: gptrain generate --model_path checkpoints/ckpt.pt --prompt "..." [--max_new_tokens N] ...
 """
@@ -7,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from gptrain import tokenizer as tokenizers
 from gptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, model_config_from
@@ -19,36 +22,56 @@ from gptrain.device import autocast, resolve_device, resolve_dtype
 from gptrain.model import GPT, KVCache
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Set to -inf every logit outside the top k, then outside the nucleus: the smallest set of most
-    likely tokens whose probabilities sum to at least top_p (the most likely token always stays)."""
-    logits = logits.clone()
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits[logits < kth] = float("-inf")
-    if top_p is not None and 0.0 < top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
-        sorted_logits[mass_before >= top_p] = float("-inf")
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
+def nucleus(logits: torch.Tensor, top_p: float | None) -> torch.Tensor:
+    """Set to -inf every logit outside the nucleus: the smallest set of most likely tokens whose
+    probabilities sum to at least top_p (the most likely token always stays)."""
+    if top_p is None or not 0.0 < top_p < 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
+    sorted_logits.masked_fill_(mass_before >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def sample_generators(n: int, seed: int | None, device: torch.device) -> list[torch.Generator]:
+    """One random stream per sample. Sample i's is seeded by the i-th child of numpy's SeedSequence(seed),
+    which does not depend on n: a sample reads the same whether it is drawn alone or in a batch of 16.
+    Without a seed the root comes from OS entropy, so runs and samples all differ."""
+    children = np.random.SeedSequence(seed).spawn(n)
+    return [torch.Generator(device=device).manual_seed(int(c.generate_state(1, np.uint64)[0])) for c in children]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """The next token for each row of (B, vocab) logits; temperature 0 means greedy."""
+                generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """The next token for each row of (B, vocab) logits, as (B, 1): greedy at temperature 0, else drawn
+    among the top_k most likely tokens (all for None or 0), then among those in the top_p nucleus.
+
+    With `generators`, row i draws from generators[i] only, so its tokens do not depend on the other
+    rows; without, all rows draw from torch's global generator.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    ids = None
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        # keep only the k candidates: the rest of the work then costs O(k) per row, not O(vocabulary)
+        logits, ids = torch.topk(logits, top_k, dim=-1)
+    probs = torch.softmax(nucleus(logits.float() / temperature, top_p), dim=-1)
+    if generators is None:
+        choice = torch.multinomial(probs, num_samples=1)
+    else:
+        assert len(generators) == len(probs), f"{len(generators)} generators for {len(probs)} rows"
+        choice = torch.stack([torch.multinomial(row, num_samples=1, generator=g) for row, g in zip(probs, generators)])
+    return choice if ids is None else ids.gather(-1, choice)
 
 
 @torch.no_grad()
-def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                    top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                    use_cache: bool = True, vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield (B, 1) new tokens one at a time, conditioning on at most the last block_size tokens.
+def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None,
+                    generators: Sequence[torch.Generator] | None = None, use_cache: bool = True,
+                    vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield (B, 1) new tokens, one for each row of the (B, T) prompt, conditioning on at most the last
+    block_size tokens. The rows share every forward pass, so the weights are read once per step for all.
 
     With the cache each step feeds only the newest token. Once the context is full, positions shift
     with every token, so the last block_size tokens are recomputed: exactly what the uncached path does.
@@ -66,7 +89,7 @@ def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperat
         logits = logits[:, -1, :]
         if vocab_limit is not None:  # the embedding is padded past the tokenizer's vocabulary
             logits[:, vocab_limit:] = float("-inf")
-        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = sample_next(logits, temperature, top_k, top_p, generators)
         idx = torch.cat([idx, token], dim=1)
         yield token
 
@@ -97,6 +120,12 @@ class StreamDecoder:
         return self.tokenizer.decode(self.segment)[self.printed:] if self.segment else ""
 
 
+def decode(tokenizer, tokens: list[int]) -> str:
+    """The text that streaming `tokens` prints, so a sample reads the same in a batch as alone."""
+    decoder = StreamDecoder(tokenizer)
+    return "".join(decoder.push(t) for t in tokens) + decoder.flush()
+
+
 def load_model(path: str | Path, device: torch.device) -> tuple[GPT, object]:
     """The model in eval mode and the tokenizer it was trained with, from a checkpoint alone."""
     checkpoint = load_checkpoint(path, map_location=device)
@@ -120,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; <1 sharper, >1 more random")
     p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: smallest set with this much probability")
-    p.add_argument("--num_samples", type=int, default=1, help="independent samples to draw")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--num_samples", type=int, default=1, help="independent samples, decoded together in one batch")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for reproducible sampling; sample i is the same for any --num_samples")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES, help="precision; auto: bfloat16 on recent GPUs")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (slow; for checks)")
@@ -133,6 +163,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--max_new_tokens must be >= 0 and --num_samples >= 1")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
+    if args.seed is not None and args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0 (got {args.seed})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,21 +182,24 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, CheckpointError, tokenizers.TokenizerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    generator = torch.Generator(device=device)
-    if args.seed is not None:
-        generator.manual_seed(args.seed)
-    else:
-        generator.seed()
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    n = args.num_samples
     with autocast(device, resolve_dtype(args.dtype, device)):
-        for sample in range(args.num_samples):
-            if sample:
-                print("-" * 40)
+        tokens = generate_tokens(
+            model, torch.tensor([ids] * n, dtype=torch.long, device=device), args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+            generators=sample_generators(n, args.seed, device) if args.temperature > 0 else None,
+            use_cache=not args.no_cache, vocab_limit=tokenizer.vocab_size,
+        )
+        if n == 1:
             decoder = StreamDecoder(tokenizer)
-            for token in generate_tokens(model, idx, args.max_new_tokens, args.temperature, args.top_k or None,
-                                         args.top_p, generator, not args.no_cache, tokenizer.vocab_size):
+            for token in tokens:
                 print(decoder.push(token.item()), end="", flush=True)
             print(decoder.flush(), flush=True)
+        else:  # a bar on a terminal only, so piped output holds nothing but the samples; it clears when done
+            steps = tqdm(tokens, desc=f"{n} samples", total=args.max_new_tokens, unit="tok", leave=False,
+                         disable=not sys.stderr.isatty())
+            rows = torch.cat([torch.empty(n, 0, dtype=torch.long, device=device), *steps], dim=1).tolist()
+            print(("\n" + "-" * 40 + "\n").join(decode(tokenizer, row) for row in rows), flush=True)
 
 
 if __name__ == "__main__":

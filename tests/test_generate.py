@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gptrain.config import GPTConfig
-from gptrain.generate import StreamDecoder, filter_logits, generate_tokens, main
+from gptrain.generate import StreamDecoder, generate_tokens, main, nucleus, sample_generators, sample_next
 from gptrain.model import GPT
 from gptrain.tokenizer import HFTokenizer, get_tokenizer
 from gptrain.train import train
@@ -12,10 +12,16 @@ def kept(logits: torch.Tensor) -> list[int]:
     return torch.isfinite(logits).nonzero().flatten().tolist()
 
 
-def test_top_k_keeps_exactly_the_k_most_likely():
-    logits = torch.tensor([0.1, 3.0, -1.0, 2.0, 0.5])
-    assert kept(filter_logits(logits, top_k=2)) == [1, 3]
-    assert kept(filter_logits(logits, top_k=0)) == [0, 1, 2, 3, 4]
+def drawn(logits: torch.Tensor, top_k: int | None, top_p: float | None, n: int = 300) -> set[int]:
+    """The tokens that n seeded draws from one row of logits take."""
+    rows = logits.expand(n, -1)
+    return set(sample_next(rows, 1.0, top_k, top_p, sample_generators(n, 0, torch.device("cpu"))).flatten().tolist())
+
+
+def test_top_k_draws_only_among_the_k_most_likely():
+    logits = torch.tensor([[0.1, 0.9, -0.1, 0.6, 0.3]])
+    assert drawn(logits, top_k=2, top_p=None) == {1, 3}
+    assert drawn(logits, top_k=0, top_p=None) == {0, 1, 2, 3, 4}
 
 
 @pytest.mark.parametrize("top_p, expected", [(0.4, [0]), (0.5, [0]), (0.7, [0, 1]), (0.75, [0, 1]), (0.8, [0, 1, 2]),
@@ -24,12 +30,13 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
     probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625])
     logits = probs.log()[[3, 0, 4, 1, 2]]  # shuffled: positions 1, 3, 4, 0, 2 hold the ranked tokens
     ranked = [1, 3, 4, 0, 2]
-    assert kept(filter_logits(logits, top_p=top_p)) == sorted(ranked[i] for i in expected)
+    assert kept(nucleus(logits, top_p)) == sorted(ranked[i] for i in expected)
 
 
 def test_top_k_and_top_p_combine():
-    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
-    assert kept(filter_logits(logits, top_k=3, top_p=0.9)[0]) == [0, 1]
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])  # the top 3 hold 66.5%, 24.5% and 9% of their probability
+    assert drawn(logits, top_k=3, top_p=0.9) == {0, 1}
+    assert drawn(logits, top_k=3, top_p=None) == {0, 1, 2}
 
 
 def tiny_model() -> GPT:
@@ -37,12 +44,55 @@ def tiny_model() -> GPT:
     return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)).eval()
 
 
-def test_greedy_with_the_kv_cache_equals_without():
+def diverse_model() -> GPT:
+    """A tiny model with large random weights: unlike a freshly initialised one, whose greedy output soon
+    repeats one token whatever the prompt, its continuations differ from prompt to prompt."""
     model = tiny_model()
-    prompt = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
+def generated(model: GPT, prompt: torch.Tensor, **kwargs) -> torch.Tensor:
     # 40 new tokens overflow the 16-token context, exercising the cropped recompute too
-    run = lambda cache: torch.cat(list(generate_tokens(model, prompt, 40, temperature=0, use_cache=cache)), 1)  # noqa: E731
-    assert torch.equal(run(True), run(False))
+    return torch.cat(list(generate_tokens(model, prompt, 40, **kwargs)), dim=1)
+
+
+def distinct_rows(tokens: torch.Tensor) -> int:
+    return len({tuple(row) for row in tokens.tolist()})
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_the_kv_cache_equals_recomputing_the_context(temperature):
+    model, prompt = diverse_model(), torch.randint(0, 64, (4, 5))
+    run = lambda cache: generated(model, prompt, temperature=temperature, use_cache=cache,  # noqa: E731
+                                  generators=sample_generators(4, 3, torch.device("cpu")) if temperature else None)
+    cached = run(True)
+    assert distinct_rows(cached) == 4
+    assert torch.equal(cached, run(False))
+
+
+def test_a_batch_decodes_each_row_as_it_would_alone():
+    model, prompt = diverse_model(), torch.randint(0, 64, (4, 5))
+    batched = generated(model, prompt, temperature=0)
+    assert distinct_rows(batched) == 4  # so rows mixed up in the batch would show
+    for i in range(4):
+        assert torch.equal(batched[i:i + 1], generated(model, prompt[i:i + 1], temperature=0))
+
+
+def test_sample_i_draws_the_same_tokens_in_any_batch():
+    model, prompt = diverse_model(), torch.randint(0, 64, (1, 5)).expand(4, -1)
+    batched = generated(model, prompt, temperature=0.8, top_k=40, top_p=0.95,
+                        generators=sample_generators(4, 7, torch.device("cpu")))
+    assert distinct_rows(batched) == 4  # the same prompt, four different samples
+    for i in range(4):
+        alone = generated(model, prompt[:1], temperature=0.8, top_k=40, top_p=0.95,
+                          generators=sample_generators(i + 1, 7, torch.device("cpu"))[i:])
+        assert torch.equal(batched[i:i + 1], alone)
+    other_seed = generated(model, prompt, temperature=0.8, top_k=40, top_p=0.95,
+                           generators=sample_generators(4, 8, torch.device("cpu")))
+    assert not torch.equal(batched, other_seed)
 
 
 def test_prompt_longer_than_the_context_is_cropped_from_the_left():
@@ -102,10 +152,23 @@ def test_seed_makes_sampling_reproducible(capsys, checkpoint):
     assert len(a.rstrip("\n")) >= 30  # characters: 40 char-level tokens, decoded with the checkpoint's tokenizer
 
 
+def samples(capsys, checkpoint, n: int, *args) -> list[str]:
+    out = sample(capsys, checkpoint, "--num_samples", str(n), *args)
+    assert out.endswith("\n")
+    return out[:-1].split("\n" + "-" * 40 + "\n")
+
+
 def test_num_samples_and_greedy(capsys, checkpoint):
-    out = sample(capsys, checkpoint, "--temperature", "0", "--num_samples", "2", "--top_p", "0.9")
-    first, second = out.split("\n" + "-" * 40 + "\n")
-    assert first == second.rstrip("\n")  # greedy ignores the seed
+    first, second = samples(capsys, checkpoint, 2, "--temperature", "0", "--top_p", "0.9")
+    assert first == second  # greedy ignores the seed
+
+
+def test_sample_i_is_the_same_for_any_num_samples(capsys, checkpoint):
+    four = samples(capsys, checkpoint, 4, "--seed", "7")
+    assert len(set(four)) == 4 and all(len(s) >= 30 for s in four)
+    assert samples(capsys, checkpoint, 1, "--seed", "7") == four[:1]
+    assert samples(capsys, checkpoint, 3, "--seed", "7") == four[:3]
+    assert len(set(samples(capsys, checkpoint, 2))) == 2  # without a seed too, each sample has its own stream
 
 
 def test_bad_arguments_are_one_line_errors(capsys, checkpoint, tmp_path):

@@ -9,7 +9,7 @@ from gptrain.config import load_config
 from gptrain.data import DataError
 from gptrain.model import GPT
 from gptrain.prepare import main as prepare
-from gptrain.train import TrainingError, find_batch_size, train
+from gptrain.train import TrainingError, find_batch_size, padded_vocab, train
 
 
 def losses(history: list[dict], key: str = "train/loss") -> dict[int, float]:
@@ -142,3 +142,9 @@ def test_batch_size_auto_takes_the_largest_micro_batch_that_fits():
     assert tried == [24, 12, 8, 6]
     with pytest.raises(TrainingError, match="not even one sequence"):
         find_batch_size(trial, [8, 12])
+
+
+def test_only_a_large_vocabulary_is_padded_to_a_multiple_of_64():
+    assert padded_vocab(50257) == 50304  # GPT-2's: 0.09% more
+    assert padded_vocab(50304) == 50304
+    assert padded_vocab(65) == 65  # tiny-shakespeare's characters: padding would nearly double it
