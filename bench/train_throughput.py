@@ -5,8 +5,7 @@
 
 Configs (the same model and batch on both sides, biases included; float32, no compile):
   a  nanoGPT's README CPU config: 4 layers, 4 heads, 128 wide, context 64, batch 12, character-level
-     tiny-shakespeare; 300 steps, 3 runs of each by default. gptrain rounds the 65-character vocabulary
-     up to 128, as it does by default: about 1% more parameters, in the output layer
+     tiny-shakespeare (65 characters on both sides); 300 steps, 3 runs of each by default
   b  GPT-2 124M's shape: 12 layers, 12 heads, 768 wide, context 1024, vocabulary 50,304, batch 1, no
      gradient accumulation, GPT-2 tokens of tiny-shakespeare; a step takes seconds, so 8 steps, 2 runs
 Runs alternate, gptrain first. ms/step is the median of the per-step times each trainer prints, from

@@ -47,23 +47,28 @@ def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def keep_freed_host_memory() -> None:
-    """Let glibc keep freed memory for reuse instead of returning it to the OS (Linux; elsewhere nothing).
+def keep_freed_host_memory() -> int | None:
+    """Let glibc keep freed memory for reuse instead of returning it to the OS; returns the mmap
+    threshold set (None where there is no glibc to tune).
 
     A CPU training step frees and reallocates the same activation buffers every step. By default glibc
     unmaps large blocks on free and trims the heap's top, so each step faults hundreds of pages back
-    in, zeroed: about 5 to 10% of a small model's step. Raising both thresholds to 1 GiB keeps them
-    (the process's memory then stays at its peak, which a training run reaches every step anyway).
+    in, zeroed. Raising both thresholds keeps them, and the process's memory stays at its peak, which
+    a training run reaches every step anyway. glibc before 2.35 refuses an mmap threshold over 32 MiB;
+    it then gets 32 MiB, since a trim threshold set alone would pin the mmap one at 128 KiB.
     """
     if sys.platform != "linux":
-        return
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (musl, for one): nothing to tune
-        return
+        return None
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 30)
+    for threshold in (1 << 30, 32 << 20):
+        if libc.mallopt(m_mmap_threshold, threshold):  # 1 on success
+            libc.mallopt(m_trim_threshold, 1 << 30)
+            return threshold
+    return None
 
 
 def environment(world_size: int) -> dict:

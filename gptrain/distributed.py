@@ -137,10 +137,7 @@ def gradient_sync(model: nn.Module, enabled: bool) -> AbstractContextManager:
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm; returns it as a plain tensor, also when the gradients are sharded."""
-    params = list(model.parameters())
-    # foreach (one call for all gradients) is the default on GPUs; on the CPU it has to be asked for
-    foreach = True if params and params[0].device.type == "cpu" else None
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 

@@ -1,5 +1,6 @@
-"""Sample text from a checkpoint with the KV cache: one sample streams to stdout as it is produced;
-several are decoded together, as the rows of one batch, and printed when all are done.
+"""Sample text from a checkpoint with the KV cache, several samples together as the rows of one batch.
+
+One sample streams to stdout as it is produced; several are printed each in full when all are done.
 
 Usage: gptrain generate --model_path checkpoints/ckpt.pt --prompt "..." [--max_new_tokens N] ...
 """
@@ -36,7 +37,8 @@ def nucleus(logits: torch.Tensor, top_p: float | None) -> torch.Tensor:
 
 def sample_generators(n: int, seed: int | None, device: torch.device) -> list[torch.Generator]:
     """One random stream per sample. Sample i's is seeded by the i-th child of numpy's SeedSequence(seed),
-    which does not depend on n: a sample reads the same whether it is drawn alone or in a batch of 16.
+    which does not depend on n: a sample reads the same whether it is drawn alone or in a batch of 16
+    (up to floating-point rounding, which the batch size can change, notably on GPUs).
     Without a seed the root comes from OS entropy, so runs and samples all differ."""
     children = np.random.SeedSequence(seed).spawn(n)
     return [torch.Generator(device=device).manual_seed(int(c.generate_state(1, np.uint64)[0])) for c in children]
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: smallest set with this much probability")
     p.add_argument("--num_samples", type=int, default=1, help="independent samples, decoded together in one batch")
     p.add_argument("--seed", type=int, default=None,
-                   help="seed for reproducible sampling; sample i is the same for any --num_samples")
+                   help="seed for reproducible sampling; sample i has its own stream, the same for any --num_samples")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES, help="precision; auto: bfloat16 on recent GPUs")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (slow; for checks)")

@@ -17,8 +17,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device_type: str) -> 
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    # The fused kernel updates every parameter in one pass (one launch on a GPU): on the CPU too it beats
-    # the per-parameter loop, by about 3% of a small model's step (bench/train_throughput.py).
+    # The fused kernel updates every parameter in one pass (one launch on a GPU). On the CPU too it beats
+    # the per-parameter loop: 59 to 75 ms against 613 to 627 a step for GPT-2 124M (docs/benchmarks.md).
     fused = device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
 

@@ -75,7 +75,7 @@ class Run:
 
 
 def padded_vocab(vocab_size: int) -> int:
-    """The vocabulary rounded up to a multiple of 64, which GPU matmuls run faster (GPT-2's 50,257
+    """The vocabulary rounded up to a multiple of 64, at which GPU matmuls run faster (GPT-2's 50,257
     becomes 50,304), where that costs under 1% more; a small one (65 characters) would almost double,
     for nothing: its output layer is cheap anyway."""
     padded = -(-vocab_size // 64) * 64

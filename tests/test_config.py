@@ -13,6 +13,11 @@ from gptrain.config import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def test_the_shipped_configs_load_and_validate():
+    quick_start = load_config([str(ROOT / "config" / "shakespeare_char.yaml")])
+    assert (quick_start.n_layer, quick_start.max_iters, quick_start.batch_size) == (3, 1600, 12)
+
+
 def test_default_yaml_is_generated_from_the_dataclass():
     assert DEFAULT_YAML.read_text() == default_yaml_text()
 

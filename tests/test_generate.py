@@ -102,10 +102,11 @@ def test_prompt_longer_than_the_context_is_cropped_from_the_left():
     assert torch.equal(first(long_prompt), first(long_prompt[:, -16:]))
 
 
-def test_padded_vocabulary_is_never_sampled():
+@pytest.mark.parametrize("top_k", [None, 20])
+def test_padded_vocabulary_is_never_sampled(top_k):
     model = tiny_model()
     tokens = torch.cat(list(generate_tokens(model, torch.zeros(4, 1, dtype=torch.long), 30, temperature=2.0,
-                                            vocab_limit=10)), 1)
+                                            top_k=top_k, vocab_limit=10)), 1)
     assert int(tokens.max()) < 10
 
 
