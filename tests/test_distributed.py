@@ -227,8 +227,10 @@ def test_a_stop_signal_checkpoints_the_step_reached_and_resumes(launcher, sig, e
     resumed = train_in_process(args_for(tmp_path, char_data, *long_run, "init_from=resume",
                                         f"max_iters={stopped + 3}"))
     whole = train_in_process(args_for(tmp_path / "whole", char_data, *long_run, f"max_iters={stopped + 3}"))
+    # the steps before the stop ran on as many processes as the launcher started, whose gradients are
+    # summed in another order: a difference that grows with the steps run, 1e-5 of the loss after 30
     assert by_step(resumed, "train/loss") == pytest.approx(
-        {s: v for s, v in by_step(whole, "train/loss").items() if s >= stopped}, abs=1e-5)
+        {s: v for s, v in by_step(whole, "train/loss").items() if s >= stopped}, rel=2e-5)
 
 
 @pytest.mark.parametrize("failure, message", [
