@@ -142,9 +142,8 @@ class TrainConfig(GPTConfig):
             problems.append(f"device must be auto, cpu, cuda, cuda:N or mps (got '{self.device}')")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
             problems.append(f"need 0 <= min_lr ({self.min_lr}) <= learning_rate ({self.learning_rate}), learning_rate > 0")
-        decay_end = self.lr_decay_iters or self.max_iters
-        if self.decay_lr and isinstance(decay_end, int) and self.warmup_iters > decay_end:
-            problems.append(f"warmup_iters ({self.warmup_iters}) must be <= lr_decay_iters ({decay_end})")
+        if isinstance(decay_end := self.lr_decay_iters or self.max_iters, int):  # max_iters=auto: plan_horizon
+            problems += _warmup_problems(self.warmup_iters, decay_end, self.decay_lr)
         if self.warmup_iters < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             problems.append("warmup_iters, grad_clip and weight_decay must be >= 0")
         if problems:
@@ -180,9 +179,15 @@ def plan_horizon(config: TrainConfig, num_params: int) -> TrainConfig:
     if max_iters == "auto":
         max_iters = -(-round(config.tokens_per_param * num_params) // config.tokens_per_step)
     plan = replace(config, max_iters=max_iters, lr_decay_iters=config.lr_decay_iters or max_iters)
-    if plan.decay_lr and plan.warmup_iters > plan.lr_decay_iters:
-        raise ConfigError(f"warmup_iters ({plan.warmup_iters}) must be <= lr_decay_iters ({plan.lr_decay_iters})")
+    if problems := _warmup_problems(plan.warmup_iters, plan.lr_decay_iters, plan.decay_lr):
+        raise ConfigError(problems[0])
     return plan
+
+
+def _warmup_problems(warmup_iters: int, lr_decay_iters: int, decay_lr: bool) -> list[str]:
+    if decay_lr and warmup_iters > lr_decay_iters:
+        return [f"warmup_iters ({warmup_iters}) must be <= lr_decay_iters ({lr_decay_iters})"]
+    return []
 
 
 def _coerce(value: Any, declared: Any) -> Any:

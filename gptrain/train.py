@@ -332,8 +332,11 @@ def train(config: TrainConfig) -> list[dict]:
     run, finished = None, False
     try:
         run = build(config, info)
-        with run.stop:
-            _loop(run)
+        # a bar with the time left, on a terminal only: logs and pipes get the metrics lines alone
+        bar = tqdm(total=run.config.max_iters, initial=run.step, unit="step", dynamic_ncols=True, leave=False,
+                   disable=not (info.is_main and sys.stdout.isatty()))
+        with run.stop, bar:
+            _loop(run, bar)
         finished = True
     finally:
         if run is not None:
@@ -342,7 +345,7 @@ def train(config: TrainConfig) -> list[dict]:
     return list(run.logger.history)
 
 
-def _loop(run: Run) -> None:
+def _loop(run: Run, bar: tqdm) -> None:
     config = run.config
     if run.start_step >= config.max_iters and not config.eval_only:
         print0(run.info, f"the checkpoint is at iter {run.start_step}, max_iters is {config.max_iters}: "
@@ -351,50 +354,47 @@ def _loop(run: Run) -> None:
     flops_per_token = run.raw_model.flops_per_token()
     peak = peak_flops(config, run.device, run.dtype)
     timer, timed_steps = time.perf_counter(), 0
-    # a bar with the time left, on a terminal only: logs and pipes get the metrics lines alone
-    with tqdm(total=config.max_iters, initial=run.step, unit="step", dynamic_ncols=True, leave=False,
-              disable=not (run.info.is_main and sys.stdout.isatty())) as bar:
-        while True:
-            due = run.step % config.eval_interval == 0 or run.step == config.max_iters
-            resumed_here = run.step == run.start_step > 0  # the checkpoint already holds this evaluation
-            if config.eval_only or (due and not resumed_here):
-                eval_started = time.perf_counter()
-                record = _guarding_compile(run, evaluate)
-                run.logger.log(record)
-                _check_finite(record["val/loss"], run, "val loss")
-                if record["val/loss"] < run.best_val_loss or config.always_save_checkpoint:
-                    run.best_val_loss = min(run.best_val_loss, record["val/loss"])
-                    if run.step > run.start_step:
-                        save(run)
-                timer += time.perf_counter() - eval_started  # evaluation is not training time
-            if run.step >= config.max_iters or config.eval_only:
-                return
-            if run.stop.requested():
-                if run.step > run.saved_step:
+    while True:
+        due = run.step % config.eval_interval == 0 or run.step == config.max_iters
+        resumed_here = run.step == run.start_step > 0  # the checkpoint already holds this evaluation
+        if config.eval_only or (due and not resumed_here):
+            eval_started = time.perf_counter()
+            record = _guarding_compile(run, evaluate)
+            run.logger.log(record)
+            _check_finite(record["val/loss"], run, "val loss")
+            if record["val/loss"] < run.best_val_loss or config.always_save_checkpoint:
+                run.best_val_loss = min(run.best_val_loss, record["val/loss"])
+                if run.step > run.start_step:
                     save(run)
-                print0(run.info, f"stopped at iter {run.step} on {run.stop.name}; continue with init_from=resume")
-                return
+            timer += time.perf_counter() - eval_started  # evaluation is not training time
+        if run.step >= config.max_iters or config.eval_only:
+            return
+        if run.stop.requested():
+            if run.step > run.saved_step:
+                save(run)
+            print0(run.info, f"stopped at iter {run.step} on {run.stop.name}; continue with init_from=resume")
+            return
 
-            lr = lr_at(run.step, config)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            loss, grad_norm = _guarding_compile(run, train_step)
-            run.compiled_ok = True
-            timed_steps += 1
-            if run.step % config.log_interval == 0:
-                loss = mean_across_ranks(loss, run.info).item()  # a CPU-GPU sync point, so only on log steps
-                _check_finite(loss, run, "training loss")
-                record = {"step": run.step, "train/loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
-                if run.step > run.start_step:  # the first step pays for compilation and warm-up
-                    seconds = (time.perf_counter() - timer) / timed_steps
-                    tokens_per_sec = run.tokens_per_step / seconds
-                    record |= {"ms_per_iter": 1000 * seconds, "tokens_per_sec": tokens_per_sec,
-                               "mfu": flops_per_token * tokens_per_sec / (peak * run.info.world_size) if peak else None,
-                               "eta_s": seconds * (config.max_iters - run.step - 1)}  # training time, evals aside
-                run.logger.log(record)
-                timer, timed_steps = time.perf_counter(), 0
-            run.step += 1
-            bar.update()
+        lr = lr_at(run.step, config)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        loss, grad_norm = _guarding_compile(run, train_step)
+        run.compiled_ok = True
+        timed_steps += 1
+        if run.step % config.log_interval == 0:
+            loss = mean_across_ranks(loss, run.info).item()  # a CPU-GPU sync point, so only on log steps
+            _check_finite(loss, run, "training loss")
+            record = {"step": run.step, "train/loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
+            if run.step > run.start_step:  # the first step pays for compilation and warm-up
+                seconds = (time.perf_counter() - timer) / timed_steps
+                tokens_per_sec = run.tokens_per_step / seconds
+                record |= {"ms_per_iter": 1000 * seconds, "tokens_per_sec": tokens_per_sec,
+                           "mfu": flops_per_token * tokens_per_sec / (peak * run.info.world_size) if peak else None,
+                           "eta_s": seconds * (config.max_iters - run.step - 1)}  # training time, evals aside
+            run.logger.log(record)
+            timer, timed_steps = time.perf_counter(), 0
+        run.step += 1
+        bar.update()
 
 
 def main(argv: list[str] | None = None) -> None:
