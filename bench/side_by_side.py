@@ -1,5 +1,6 @@
 """What the side-by-side benchmarks against nanoGPT share: a work directory laid out the way nanoGPT's
 train.py expects, both sides' data, running a trainer while timing its lines, and the markdown output.
+Benchmarks of gptrain alone (ablate.py) use the same pieces without a nanoGPT checkout.
 
 nanoGPT reads `configurator.py`, its config files and `data/<dataset>/` relative to its working
 directory, so its runs start in the work directory, which links the first two and holds its data; its
@@ -106,14 +107,16 @@ def run(command: list[str], cwd: Path, stop=None) -> Result:
 
 
 class Workspace:
-    """A temporary directory with both sides' data and nanoGPT's working directory; removed on exit."""
+    """A temporary directory with both sides' data and nanoGPT's working directory; removed on exit.
+    Without a nanoGPT checkout, only gptrain's side: prepare_gptrain, run_gptrain."""
 
-    def __init__(self, nanogpt: Path):
-        self.nanogpt = nanogpt.resolve()
+    def __init__(self, nanogpt: Path | None = None):
+        self.nanogpt = nanogpt.resolve() if nanogpt else None
         self._tmp = tempfile.TemporaryDirectory(prefix="gptrain-bench-")
         self.dir = Path(self._tmp.name)
-        for name in ("configurator.py", "config"):  # so its commands read as in its README
-            (self.dir / name).symlink_to(self.nanogpt / name)
+        if self.nanogpt:
+            for name in ("configurator.py", "config"):  # so its commands read as in its README
+                (self.dir / name).symlink_to(self.nanogpt / name)
 
     def __enter__(self) -> Workspace:
         return self
@@ -125,11 +128,17 @@ class Workspace:
         """Where each side's tokens of the corpus are: our data_dir, nanoGPT's dataset name (under data/)."""
         return self.dir / f"gptrain_{tokenizer}", f"shakespeare_{tokenizer}"
 
+    def prepare_gptrain(self, tokenizer: str, corpus: Path = CORPUS) -> Path:
+        """Tokenize a text file for gptrain alone (char or gpt2); returns its data_dir."""
+        ours, _ = self.data(tokenizer)
+        _check([sys.executable, "-m", "gptrain.prepare", "--input", str(corpus), "--tokenizer", tokenizer,
+                "--out_dir", str(ours)], cwd=ROOT)
+        return ours
+
     def prepare(self, tokenizer: str) -> tuple[Path, str]:
         """Tokenize the corpus for both sides (char or gpt2); returns what `data` does."""
         ours, dataset = self.data(tokenizer)
-        _check([sys.executable, "-m", "gptrain.prepare", "--input", str(CORPUS), "--tokenizer", tokenizer,
-                "--out_dir", str(ours)], cwd=ROOT)
+        self.prepare_gptrain(tokenizer)
         theirs = self.dir / "data" / dataset
         theirs.mkdir(parents=True)
         if tokenizer == "char":  # nanoGPT's own prepare.py makes its meta.pkl; given input.txt it downloads nothing
@@ -237,10 +246,11 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    """A markdown table, columns padded so it also reads as plain text; numbers right-aligned."""
+def print_table(headers: list[str], rows: list[list[str]], text_columns: int = 1) -> None:
+    """A markdown table, columns padded so it also reads as plain text; the first `text_columns` columns
+    left-aligned, the numbers after them right-aligned."""
     widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
-    right = [i > 0 for i in range(len(headers))]
+    right = [i >= text_columns for i in range(len(headers))]
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
@@ -266,14 +276,14 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def describe_machine(nanogpt: Path) -> str:
+def describe_machine(nanogpt: Path | None = None) -> str:
     """Machine, versions, date and the exact command, as lines to paste under a table."""
     threads = f"{torch.get_num_threads()} torch threads" + (
         f", OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}" if "OMP_NUM_THREADS" in os.environ else "")
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    commits = f"gptrain {_git_commit(ROOT)}" + (f", nanoGPT {_git_commit(nanogpt)}" if nanogpt else "")
     return "\n".join([
         f"Machine: {_cpu_model()}, {os.cpu_count()} cores ({threads}){gpu}; torch {torch.__version__}, "
-        f"Python {platform.python_version()}; gptrain {_git_commit(ROOT)}, nanoGPT {_git_commit(nanogpt)}; "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"Python {platform.python_version()}; {commits}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"Command: `{shlex.join(['python', *sys.argv])}`",
     ])

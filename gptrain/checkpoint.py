@@ -13,11 +13,13 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_state_dict, set_model_state_dict, set_optimizer_state_dict,
@@ -62,18 +64,18 @@ def atomic_torch_save(obj: dict, path: str | Path) -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(path: str | Path, run_state: dict, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    info: DistInfo, sharded: bool) -> None:
+def save_checkpoint(path: str | Path, run_state: dict, *, model: nn.Module,
+                    optimizers: list[torch.optim.Optimizer], info: DistInfo, sharded: bool) -> None:
     """Every rank calls it. Parameter names are the bare model's, whatever wraps it."""
     path = Path(path)
     folder = path.parent / f"ckpt-{run_state['iter_num']:06d}.dcp" if sharded else None
     if sharded:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
+        model_state, optimizer_state = get_state_dict(model, optimizers)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
         dist.barrier()  # every shard is on disk before ckpt.pt points at them
         run_state = {**run_state, "sharded": folder.name}
     elif info.is_main:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
+        model_state, optimizer_state = get_state_dict(model, optimizers)
         run_state = {**run_state, "model": model_state, "optimizer": optimizer_state}
     if info.is_main:
         atomic_torch_save(run_state, path)
@@ -104,30 +106,29 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 
 def load_weights(model: nn.Module, checkpoint: dict, path: str | Path,
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Fill `model` (and `optimizer`, when given) from a checkpoint in whatever layout `model` is:
+                 optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
+    """Fill `model` (and `optimizers`, when given) from a checkpoint in whatever layout `model` is:
     plain, DDP's inner module, or FSDP-sharded, from a file or from DCP shards of any world size."""
     path = Path(path)
-    optimizers = [optimizer] if optimizer is not None else []
     try:
         if "sharded" in checkpoint:
             model_state, optimizer_state = get_state_dict(model, optimizers)  # this run's layout, to fill
-            state = {"model": model_state, **({"optimizer": optimizer_state} if optimizer else {})}
+            state = {"model": model_state, **({"optimizer": optimizer_state} if optimizers else {})}
             with warnings.catch_warnings():  # on one process DCP warns that it assumes one process
                 warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
                 dcp.load(state, checkpoint_id=path.parent / checkpoint["sharded"])
             set_model_state_dict(model, state["model"])
-            if optimizer is not None:
-                set_optimizer_state_dict(model, optimizer, state["optimizer"])
+            if optimizers:
+                set_optimizer_state_dict(model, optimizers, state["optimizer"])
             return
-        if optimizer is not None and any(isinstance(k, int) for k in checkpoint["optimizer"]["state"]):
+        if optimizers and any(isinstance(k, int) for k in checkpoint["optimizer"]["state"]):
             raise CheckpointError(f"{path} keeps its optimizer state by position, as gptrain 0.1 did; fine-tune "
                                   f"from its weights with init_from={path} instead of resuming")
         full = StateDictOptions(full_state_dict=True)  # every rank holds it all; FSDP keeps its own shard
         set_model_state_dict(model, checkpoint["model"], options=full)
-        if optimizer is not None:
-            set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=full)
-    except (RuntimeError, KeyError, ValueError) as e:
+        if optimizers:
+            set_optimizer_state_dict(model, optimizers, checkpoint["optimizer"], options=full)
+    except (RuntimeError, KeyError, ValueError, CheckpointException) as e:
         raise CheckpointError(f"cannot load the weights of {path} into this model: {str(e).splitlines()[0]}") from e
 
 

@@ -18,6 +18,9 @@ from omegaconf.errors import ValidationError
 DEFAULT_YAML = Path(__file__).resolve().parent.parent / "config" / "default.yaml"
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 PARALLELISMS = ("ddp", "fsdp")
+CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu"),
+           "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"), "dtype": DTYPE_NAMES,
+           "parallelism": PARALLELISMS, "backend": ("nccl", "gloo")}
 
 
 class ConfigError(ValueError):
@@ -42,6 +45,15 @@ class GPTConfig:
     n_embd: int = setting(768, "embedding width; must be divisible by n_head")
     dropout: float = setting(0.0, "dropout probability (0 for pretraining, 0.1+ to fine-tune small data)")
     bias: bool = setting(True, "biases in Linear and LayerNorm layers, as GPT-2 has")
+    # switches of a more recent recipe; each default is GPT-2's (docs/recipes.md measures each)
+    pos_emb: str = setting("learned", "positions: learned (a table, GPT-2) | rope (rotary, on queries and keys)")
+    rope_theta: float = setting(10000.0, "rotary base: the slowest pair of dimensions turns about one radian per this many tokens")
+    norm: str = setting("layernorm", "layernorm (GPT-2) | rmsnorm (a gain, no bias, no mean subtracted)")
+    qk_norm: bool = setting(False, "normalise queries and keys (RMS, no gain) before attention")
+    mlp: str = setting("gelu", "gelu (GPT-2, 4x wide) | relu2 (relu squared, 4x) | swiglu (gated, 8/3x wide)")
+    tie_embeddings: bool = setting(True, "one matrix for the token embedding and the output head, as GPT-2 has")
+    logit_softcap: Optional[float] = setting(None, "squash logits into (-cap, cap) with cap * tanh(logits / cap); null = off")
+    zero_init_proj: bool = setting(False, "initialise the projections into the residual stream (c_proj) at zero")
 
 
 @dataclass
@@ -74,19 +86,26 @@ class TrainConfig(GPTConfig):
         None, "micro-batches per optimizer step over all processes (divided by the world size); null = from tokens_per_step"
     )
     # optimizer
-    learning_rate: float = setting(6e-4, "peak learning rate")
+    optimizer: str = setting("adamw", "adamw | muon (Muon on the blocks' 2-D matrices, AdamW on the rest)")
+    learning_rate: float = setting(6e-4, "peak learning rate of AdamW (and of every group without its own below)")
+    embedding_lr: Optional[float] = setting(None, "peak learning rate of the token (and position) embeddings; null = learning_rate")
+    head_lr: Optional[float] = setting(None, "peak learning rate of an untied output head; null = learning_rate")
+    muon_lr: float = setting(0.02, "peak learning rate of Muon's matrices (optimizer=muon)")
+    muon_momentum: float = setting(0.95, "Muon's Nesterov momentum")
     max_iters: Union[int, str] = setting(
         600000, "optimizer steps in the whole run; auto = tokens_per_param x parameters / tokens_per_step"
     )
     tokens_per_param: float = setting(20.0, "training tokens per parameter for max_iters=auto (20: Chinchilla-optimal)")
-    weight_decay: float = setting(0.1, "AdamW weight decay on 2-D weights (not biases, norms)")
+    weight_decay: float = setting(0.1, "AdamW weight decay on 2-D weights (not biases, norms, nor Muon's matrices)")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this; 0 disables")
-    decay_lr: bool = setting(True, "cosine-decay the learning rate; false keeps it constant after warm-up")
+    decay_lr: bool = setting(True, "decay the learning rate; false keeps it constant after warm-up")
+    lr_schedule: str = setting("cosine", "cosine (to min_lr at lr_decay_iters) | wsd (warm-up, stable, then linear to min_lr)")
+    decay_fraction: float = setting(0.2, "wsd: the last fraction of lr_decay_iters over which the learning rate decays")
     warmup_iters: int = setting(2000, "linear warm-up steps")
-    lr_decay_iters: Optional[int] = setting(None, "step at which the cosine reaches min_lr; null = max_iters")
-    min_lr: float = setting(6e-5, "learning rate floor (usually learning_rate / 10)")
+    lr_decay_iters: Optional[int] = setting(None, "step at which the learning rate reaches min_lr; null = max_iters")
+    min_lr: float = setting(6e-5, "learning rate floor (usually learning_rate / 10); every group decays by the same factor")
     # system
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = setting("auto", "auto | float32 | bfloat16 | float16 (float16 uses a gradient scaler)")
@@ -98,6 +117,13 @@ class TrainConfig(GPTConfig):
     dist_timeout_s: int = setting(600, "seconds a collective waits for a process that died or hung before the run stops")
     seed: int = setting(1337, "seed for weights, data order and dropout")
     peak_tflops: float = setting(0.0, "the accelerator's peak TFLOP/s for MFU; 0 = look up the known GPUs")
+
+    def decay_start(self) -> int:
+        """The step where the learning rate leaves its peak: the end of the warm-up for the cosine, the
+        start of the last decay_fraction of lr_decay_iters for wsd (which must then be resolved)."""
+        if self.lr_schedule == "wsd":
+            return round(self.lr_decay_iters * (1 - self.decay_fraction))
+        return self.warmup_iters
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
@@ -126,16 +152,23 @@ class TrainConfig(GPTConfig):
             problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
         if self.vocab_size is not None and self.vocab_size <= 0:
             problems.append(f"vocab_size must be > 0 or null (got {self.vocab_size})")
-        if self.dtype not in DTYPE_NAMES:
-            problems.append(f"dtype must be one of {', '.join(DTYPE_NAMES)} (got '{self.dtype}')")
+        problems += [f"{name} must be one of {', '.join(allowed)} (got '{getattr(self, name)}')"
+                     for name, allowed in CHOICES.items() if getattr(self, name) not in allowed]
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            problems.append(f"logit_softcap must be > 0 or null (got {self.logit_softcap})")
+        if self.pos_emb == "rope" and (head_size := self.n_embd // max(self.n_head, 1)) % 2:
+            problems.append(f"pos_emb=rope needs an even head size (n_embd / n_head = {head_size})")
+        if not 0 < self.decay_fraction <= 1:
+            problems.append(f"decay_fraction must be in (0, 1] (got {self.decay_fraction})")
+        problems += [f"{name} must be > 0 (got {getattr(self, name)})" for name in
+                     ("rope_theta", "muon_lr", "embedding_lr", "head_lr")
+                     if getattr(self, name) is not None and getattr(self, name) <= 0]
+        if not 0 <= self.muon_momentum < 1:
+            problems.append(f"muon_momentum must be in [0, 1) (got {self.muon_momentum})")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             problems.append(f"beta1 and beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
         if self.init_from not in ("scratch", "resume") and not Path(self.init_from).is_file():
             problems.append(f"init_from must be scratch, resume or the path of a checkpoint file (got '{self.init_from}')")
-        if self.backend not in ("nccl", "gloo"):
-            problems.append(f"backend must be nccl or gloo (got '{self.backend}')")
-        if self.parallelism not in PARALLELISMS:
-            problems.append(f"parallelism must be one of {', '.join(PARALLELISMS)} (got '{self.parallelism}')")
         if self.dist_timeout_s <= 0:
             problems.append(f"dist_timeout_s must be > 0 (got {self.dist_timeout_s})")
         if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
@@ -143,7 +176,7 @@ class TrainConfig(GPTConfig):
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
             problems.append(f"need 0 <= min_lr ({self.min_lr}) <= learning_rate ({self.learning_rate}), learning_rate > 0")
         if isinstance(decay_end := self.lr_decay_iters or self.max_iters, int):  # max_iters=auto: plan_horizon
-            problems += _warmup_problems(self.warmup_iters, decay_end, self.decay_lr)
+            problems += _warmup_problems(replace(self, lr_decay_iters=decay_end))
         if self.warmup_iters < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             problems.append("warmup_iters, grad_clip and weight_decay must be >= 0")
         if problems:
@@ -179,20 +212,28 @@ def plan_horizon(config: TrainConfig, num_params: int) -> TrainConfig:
     if max_iters == "auto":
         max_iters = -(-round(config.tokens_per_param * num_params) // config.tokens_per_step)
     plan = replace(config, max_iters=max_iters, lr_decay_iters=config.lr_decay_iters or max_iters)
-    if problems := _warmup_problems(plan.warmup_iters, plan.lr_decay_iters, plan.decay_lr):
+    if problems := _warmup_problems(plan):
         raise ConfigError(problems[0])
     return plan
 
 
-def _warmup_problems(warmup_iters: int, lr_decay_iters: int, decay_lr: bool) -> list[str]:
-    if decay_lr and warmup_iters > lr_decay_iters:
-        return [f"warmup_iters ({warmup_iters}) must be <= lr_decay_iters ({lr_decay_iters})"]
+def _warmup_problems(config: TrainConfig) -> list[str]:
+    """The warm-up must end before the decay starts: at lr_decay_iters for the cosine, at the start of the
+    last decay_fraction of it for wsd."""
+    if not config.decay_lr:
+        return []
+    if config.lr_schedule == "wsd":
+        if config.warmup_iters > config.decay_start():
+            return [f"warmup_iters ({config.warmup_iters}) must be <= {config.decay_start()}, where lr_schedule=wsd "
+                    f"starts decaying ({1 - config.decay_fraction:g} x lr_decay_iters {config.lr_decay_iters})"]
+    elif config.warmup_iters > config.lr_decay_iters:
+        return [f"warmup_iters ({config.warmup_iters}) must be <= lr_decay_iters ({config.lr_decay_iters})"]
     return []
 
 
 def _coerce(value: Any, declared: Any) -> Any:
     """Widen ints to floats and scalars to strings ourselves: OmegaConf deprecates doing it implicitly."""
-    if declared is float and isinstance(value, int) and not isinstance(value, bool):
+    if declared in (float, Optional[float]) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if declared is str and isinstance(value, (int, float)):
         return str(value)
@@ -200,7 +241,8 @@ def _coerce(value: Any, declared: Any) -> Any:
 
 
 def _type_name(declared: Any) -> str:
-    names = {Optional[int]: "int or null", Union[int, str]: "int or auto", Union[bool, str]: "bool or auto"}
+    names = {Optional[int]: "int or null", Optional[float]: "float or null", Union[int, str]: "int or auto",
+             Union[bool, str]: "bool or auto"}
     return names.get(declared) or declared.__name__
 
 
@@ -244,7 +286,8 @@ def load_config(args: list[str], default_yaml: Path | None = DEFAULT_YAML) -> Tr
 def _resolved_type(f) -> Any:
     """Field types are strings under `from __future__ import annotations`; map them back to classes."""
     return {"int": int, "float": float, "bool": bool, "str": str, "Optional[int]": Optional[int],
-            "Union[int, str]": Union[int, str], "Union[bool, str]": Union[bool, str]}[f.type]
+            "Optional[float]": Optional[float], "Union[int, str]": Union[int, str],
+            "Union[bool, str]": Union[bool, str]}[f.type]
 
 
 def record_yaml(config: TrainConfig) -> str:

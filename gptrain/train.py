@@ -32,7 +32,7 @@ from gptrain.distributed import (
 from gptrain.evaluate import estimate_loss
 from gptrain.metrics import MetricsLogger, peak_flops
 from gptrain.model import GPT
-from gptrain.optim import build_optimizer, lr_at
+from gptrain.optim import build_optimizers, lr_multiplier, set_lr
 
 
 class TrainingError(RuntimeError):
@@ -49,7 +49,7 @@ class Run:
     dtype: torch.dtype
     raw_model: GPT  # the model whose parameters are trained and saved (sharded in place under FSDP)
     model: nn.Module  # what the loop calls: the same model, possibly compiled and wrapped in DDP
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]  # AdamW, and Muon with optimizer=muon
     scaler: torch.amp.GradScaler
     train_batches: BatchSampler
     eval_batches: dict[str, BatchSampler]
@@ -98,6 +98,9 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
     device = resolve_device(config.device, info.local_rank, info.enabled)
     init_distributed(info, config.backend, device, config.dist_timeout_s)
     dtype = resolve_dtype(config.dtype, device)
+    if config.optimizer == "muon" and dtype == torch.float16:  # dtype=auto picks float16 on older GPUs
+        raise ConfigError("optimizer=muon takes dtype float32 or bfloat16: with float16's gradient scaler, an "
+                          "overflow would skip one optimizer's step and not the other's")
     if device.type == "cpu":
         keep_freed_host_memory()
     if device.type == "cuda":
@@ -132,15 +135,17 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
         eval_batch = _largest_micro_batch(config, model, raw_model, info, device, dtype)
         config = plan_batch(config, model_config.block_size, info.world_size, eval_batch)
     config = plan_horizon(config, raw_model.num_params())
-    optimizer = build_optimizer(raw_model, config, device.type)
+    optimizers = build_optimizers(raw_model, config, device.type)
+    if resume:
+        _check_resumable(checkpoint, path, config)
     if checkpoint is not None:
-        load_weights(raw_model, checkpoint, path, optimizer if resume else None)
+        load_weights(raw_model, checkpoint, path, optimizers if resume else [])
 
     train_tokens, val_tokens = open_tokens(config.data_dir, "train", meta), open_tokens(config.data_dir, "val", meta)
     sampler = lambda tokens, size, seed: BatchSampler(tokens, model_config.block_size, size, seed)  # noqa: E731
     run = Run(
         config=config, info=info, device=device, dtype=dtype, raw_model=raw_model, model=model,
-        optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        optimizers=optimizers, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         train_batches=sampler(train_tokens, config.batch_size, config.seed),
         # evaluation draws from its own streams, apart from the training data
         eval_batches={"train": sampler(train_tokens, eval_batch, config.seed + 1),
@@ -163,6 +168,18 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
     if checkpoint is not None:
         print0(info, f"{'resuming' if resume else 'fine-tuning'} from {path} (iter {checkpoint.get('iter_num', 0)})")
     return run
+
+
+def _check_resumable(checkpoint: dict, path: Path, config: TrainConfig) -> None:
+    """The optimizer state must fit the optimizers it goes back into; if not, say how to go on instead."""
+    saved = checkpoint.get("config", {})
+    fine_tune = f"fine-tune from its weights with init_from={path} instead of resuming"
+    if saved.get("optimizer", "adamw") != config.optimizer:
+        raise CheckpointError(f"{path} was trained with optimizer={saved.get('optimizer', 'adamw')}; resume with it, "
+                              f"or {fine_tune}")
+    if "sharded" in checkpoint and "optimizer" not in saved:
+        raise CheckpointError(f"{path} keeps its sharded optimizer state in two groups, as gptrain did before "
+                              f"optimizer groups by role; {fine_tune}")
 
 
 def _summary(run: Run, dataset_tokens: int) -> str:
@@ -193,11 +210,20 @@ def _summary(run: Run, dataset_tokens: int) -> str:
         f"of activations per process, of {_size(memory)}B on {run.device}",
         f"run        {config.max_iters:,} steps = {_size(total_tokens)} tokens = "
         f"{total_tokens / dataset_tokens:,.2f} epochs of {dataset_tokens:,} training tokens; learning rate "
-        f"{config.learning_rate:.1e}, warm-up {config.warmup_iters:,}"
-        + (f", cosine to {config.min_lr:.1e} at {config.lr_decay_iters:,}" if config.decay_lr else ", constant"),
+        f"{config.learning_rate:.1e}" + (f" (Muon {config.muon_lr:.1e})" if config.optimizer == "muon" else "")
+        + f", warm-up {config.warmup_iters:,}"
+        + _schedule(config),
         f"system     device {run.device}, dtype {str(run.dtype).removeprefix('torch.')}, "
         f"compile {str(config.compile).lower()}, seed {config.seed}",
     ])
+
+
+def _schedule(config: TrainConfig) -> str:
+    if not config.decay_lr:
+        return ", constant"
+    if config.lr_schedule == "wsd":
+        return f", stable to {config.decay_start():,}, linear to {config.min_lr:.1e} at {config.lr_decay_iters:,}"
+    return f", cosine to {config.min_lr:.1e} at {config.lr_decay_iters:,}"
 
 
 def _size(n: float) -> str:
@@ -260,7 +286,7 @@ def save(run: Run) -> None:
         "tokenizer": run.tokenizer_meta,
     }
     path = Path(run.config.out_dir) / "ckpt.pt"
-    save_checkpoint(path, run_state, model=run.raw_model, optimizer=run.optimizer, info=run.info,
+    save_checkpoint(path, run_state, model=run.raw_model, optimizers=run.optimizers, info=run.info,
                     sharded=run.config.parallelism == "fsdp")
     run.saved_step = run.step
     print0(run.info, f"saved {path} at iter {run.step}")
@@ -285,11 +311,13 @@ def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
                 x, y = to_device(run.train_batches.batch(run.step, mine[n + 1]), run.device)
             run.scaler.scale(loss).backward()
         total_loss += loss.detach()
-    run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
+    for optimizer in run.optimizers:
+        run.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     grad_norm = clip_grad_norm(run.raw_model, config.grad_clip if config.grad_clip > 0 else float("inf"))
-    run.scaler.step(run.optimizer)  # skipped by the scaler if fp16 gradients overflowed
+    for optimizer in run.optimizers:
+        run.scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
     run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.raw_model.zero_grad(set_to_none=True)
     return total_loss, grad_norm
 
 
@@ -310,7 +338,7 @@ def _guarding_compile(run: Run, step):
         reason = getattr(e, "inner_exception", None) or e  # what the compiler backend raised, if it did
         print0(run.info, f"warning: torch.compile failed ({type(reason).__name__}: "
                          f"{(str(reason).strip().splitlines() or [''])[0][:200]}); continuing without it, as with compile=false")
-        run.optimizer.zero_grad(set_to_none=True)
+        run.raw_model.zero_grad(set_to_none=True)
         run.config = replace(run.config, compile=False)
         run.model = eager(run.raw_model, run.info, run.device)
         return step(run)
@@ -318,8 +346,9 @@ def _guarding_compile(run: Run, step):
 
 def _check_finite(loss: float, run: Run, what: str) -> None:
     if not math.isfinite(loss):
+        lr = run.config.learning_rate * lr_multiplier(run.step, run.config)
         raise TrainingError(
-            f"{what} became {loss} at iter {run.step} (lr {lr_at(run.step, run.config):.2e}); "
+            f"{what} became {loss} at iter {run.step} (lr {lr:.2e}); "
             f"the last checkpoint is left untouched. Try a lower learning_rate, grad_clip > 0, "
             f"a longer warmup_iters, or dtype=bfloat16 instead of float16"
         )
@@ -375,9 +404,9 @@ def _loop(run: Run, bar: tqdm) -> None:
             print0(run.info, f"stopped at iter {run.step} on {run.stop.name}; continue with init_from=resume")
             return
 
-        lr = lr_at(run.step, config)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        multiplier = lr_multiplier(run.step, config)
+        set_lr(run.optimizers, config, multiplier)
+        lr = config.learning_rate * multiplier  # the logged one: AdamW's, that of the norms and biases
         loss, grad_norm = _guarding_compile(run, train_step)
         run.compiled_ok = True
         timed_steps += 1

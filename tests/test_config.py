@@ -16,6 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_shipped_configs_load_and_validate():
     quick_start = load_config([str(ROOT / "config" / "shakespeare_char.yaml")])
     assert (quick_start.n_layer, quick_start.max_iters, quick_start.batch_size) == (3, 1600, 12)
+    modern = load_config([str(ROOT / "config" / "modern_shakespeare_char.yaml")])
+    assert (modern.pos_emb, modern.optimizer, modern.lr_schedule, modern.max_iters) == ("rope", "muon", "wsd", 500)
+    gpu = load_config([str(ROOT / "config" / "modern_124m.yaml")])
+    assert (gpu.n_layer, gpu.n_embd, gpu.tie_embeddings, gpu.optimizer) == (12, 768, False, "muon")
 
 
 def test_default_yaml_is_generated_from_the_dataclass():
@@ -83,8 +87,9 @@ def test_settings_that_would_fail_later_are_caught_at_start_up():
     assert str(e.value) == "vocab_size must be int or null, got 'abc' in command line"
     with pytest.raises(ConfigError) as e:
         load_config(["beta1=1.5", "init_from=resum", "backend=mpi"])
-    assert str(e.value) == ("beta1 and beta2 must be in [0, 1) (got 1.5, 0.95); init_from must be scratch, resume "
-                            "or the path of a checkpoint file (got 'resum'); backend must be nccl or gloo (got 'mpi')")
+    assert str(e.value) == ("backend must be one of nccl, gloo (got 'mpi'); beta1 and beta2 must be in [0, 1) "
+                            "(got 1.5, 0.95); init_from must be scratch, resume or the path of a checkpoint file "
+                            "(got 'resum')")
 
 
 def test_tokens_per_step_fixes_the_step_whatever_the_world_size():
@@ -129,3 +134,18 @@ def test_the_run_record_loads_back_into_the_same_config(tmp_path):
     config = plan_batch(load_config(["tokens_per_step=2048", "batch_size=16", "block_size=64", "n_layer=3"]), 64, 2, 16)
     (tmp_path / "config.yaml").write_text(record_yaml(config))
     assert load_config([str(tmp_path / "config.yaml")]) == replace(config, gradient_accumulation_steps=None)
+
+
+def test_recipe_switches_default_to_gpt2_and_bad_choices_are_one_line():
+    config = load_config([])
+    assert (config.pos_emb, config.norm, config.qk_norm, config.mlp, config.tie_embeddings, config.logit_softcap,
+            config.zero_init_proj, config.optimizer, config.lr_schedule) == (
+        "learned", "layernorm", False, "gelu", True, None, False, "adamw", "cosine")
+    assert load_config(["logit_softcap=15"]).logit_softcap == 15.0  # an int widened to the float it stands for
+    with pytest.raises(ConfigError) as e:
+        load_config(["pos_emb=alibi", "mlp=geglu", "optimizer=sgd", "decay_fraction=0", "n_embd=36", "n_head=4",
+                     "pos_emb=rope", "logit_softcap=-1"])
+    assert str(e.value) == (
+        "mlp must be one of gelu, relu2, swiglu (got 'geglu'); optimizer must be one of adamw, muon (got 'sgd'); "
+        "logit_softcap must be > 0 or null (got -1.0); pos_emb=rope needs an even head size (n_embd / n_head = 9); "
+        "decay_fraction must be in (0, 1] (got 0.0)")

@@ -39,15 +39,20 @@ def test_top_k_and_top_p_combine():
     assert drawn(logits, top_k=3, top_p=None) == {0, 1, 2}
 
 
-def tiny_model() -> GPT:
+def tiny_model(**switches) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)).eval()
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, **switches)).eval()
 
 
-def diverse_model() -> GPT:
+# every model switch on at once
+MODERN = {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "tie_embeddings": False,
+          "logit_softcap": 15.0}
+
+
+def diverse_model(**switches) -> GPT:
     """A tiny model with large random weights: unlike a freshly initialised one, whose greedy output soon
     repeats one token whatever the prompt, its continuations differ from prompt to prompt."""
-    model = tiny_model()
+    model = tiny_model(**switches)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.5)
@@ -63,9 +68,10 @@ def distinct_rows(tokens: torch.Tensor) -> int:
     return len({tuple(row) for row in tokens.tolist()})
 
 
+@pytest.mark.parametrize("switches", [{}, MODERN], ids=["gpt2", "modern"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_the_kv_cache_equals_recomputing_the_context(temperature):
-    model, prompt = diverse_model(), torch.randint(0, 64, (4, 5))
+def test_the_kv_cache_equals_recomputing_the_context(temperature, switches):
+    model, prompt = diverse_model(**switches), torch.randint(0, 64, (4, 5))
     run = lambda cache: generated(model, prompt, temperature=temperature, use_cache=cache,  # noqa: E731
                                   generators=sample_generators(4, 3, torch.device("cpu")) if temperature else None)
     cached = run(True)

@@ -4,29 +4,39 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptrain.checkpoint import load_checkpoint, model_config_from
+from gptrain.checkpoint import CheckpointError, load_checkpoint, model_config_from
 from gptrain.config import load_config
 from gptrain.data import DataError
 from gptrain.model import GPT
 from gptrain.prepare import main as prepare
-from gptrain.train import TrainingError, find_batch_size, padded_vocab, train
+from gptrain.distributed import DistInfo
+from gptrain.optim import set_lr
+from gptrain.train import TrainingError, build, find_batch_size, padded_vocab, train
 
 
 def losses(history: list[dict], key: str = "train/loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in history if key in r}
 
 
-def test_loss_falls(tiny_config):
+# every switch of the modern recipe on at once, Muon and the WSD schedule included
+MODERN = ("pos_emb=rope", "norm=rmsnorm", "qk_norm=true", "mlp=swiglu", "tie_embeddings=false", "logit_softcap=15",
+          "zero_init_proj=true", "optimizer=muon", "lr_schedule=wsd")
+
+
+@pytest.mark.parametrize("recipe", [(), ("optimizer=muon",), MODERN], ids=["gpt2", "muon", "modern"])
+def test_loss_falls(tiny_config, recipe):
     history = train(tiny_config("max_iters=300", "lr_decay_iters=300", "eval_interval=300", "learning_rate=1e-2",
-                                "log_interval=50"))
+                                "log_interval=50", *recipe))
     val = losses(history, "val/loss")
     assert val[0] > 4.0  # about ln(65): a uniform guess over the characters
     assert val[300] < 3.1  # below the 3.31 nats that character frequencies alone give
 
 
-def test_resumed_run_matches_the_uninterrupted_run(tiny_config, tmp_path):
+@pytest.mark.parametrize("recipe", [(), MODERN], ids=["gpt2", "modern"])
+def test_resumed_run_matches_the_uninterrupted_run(tiny_config, tmp_path, recipe):
     # dropout and 2 micro-batches exercise the RNG and the data position, not only the weights
-    common = ("dropout=0.1", "gradient_accumulation_steps=2", "max_iters=8", "lr_decay_iters=8", "eval_interval=4")
+    common = ("dropout=0.1", "gradient_accumulation_steps=2", "max_iters=8", "lr_decay_iters=8", "eval_interval=4",
+              *recipe)
     whole = train(tiny_config(*common, f"out_dir={tmp_path / 'whole'}"))
     train(tiny_config(*common, "max_iters=4", f"out_dir={tmp_path / 'split'}"))  # stops (as if killed) at iter 4
     resumed = train(tiny_config(*common, "init_from=resume", f"out_dir={tmp_path / 'split'}"))
@@ -37,6 +47,26 @@ def test_resumed_run_matches_the_uninterrupted_run(tiny_config, tmp_path):
     assert a["iter_num"] == b["iter_num"] == 8
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_a_resumed_run_takes_the_learning_rates_it_is_given(tiny_config, tmp_path):
+    """Each group's peak comes from the config at every step, not from the optimizer state saved."""
+    train(tiny_config("optimizer=muon", "max_iters=4", "decay_lr=false", "warmup_iters=0"))
+    history = train(tiny_config("optimizer=muon", "max_iters=6", "decay_lr=false", "warmup_iters=0", "init_from=resume",
+                                "learning_rate=1e-3", "muon_lr=5e-3"))
+    assert losses(history, "lr") == {4: 1e-3, 5: 1e-3}
+    run = build(tiny_config("optimizer=muon", "init_from=resume", "learning_rate=1e-3", "muon_lr=5e-3"), DistInfo())
+    set_lr(run.optimizers, run.config, 1.0)
+    adamw, muon = run.optimizers
+    assert {g["lr"] for g in adamw.param_groups} == {1e-3} and [g["lr"] for g in muon.param_groups] == [5e-3]
+    run.logger.close()
+
+
+def test_resuming_with_another_optimizer_is_a_one_line_error(tiny_config):
+    train(tiny_config("max_iters=4"))
+    with pytest.raises(CheckpointError, match="was trained with optimizer=adamw; resume with it, or fine-tune from "
+                                              "its weights with init_from=.*ckpt.pt instead of resuming"):
+        train(tiny_config("optimizer=muon", "init_from=resume"))
 
 
 def test_fine_tuning_starts_from_the_checkpoint_weights(tiny_config, tmp_path):

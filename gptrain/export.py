@@ -1,0 +1,199 @@
+"""Write a checkpoint as a Hugging Face GPT-2 or Llama directory, with the same logits as our model.
+
+`transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads it as it is. Why: a model trained here
+then runs wherever transformers does (evaluation harnesses, inference servers, the hub) without gptrain.
+Two of our switch combinations have an exact twin there: GPT-2's own (learned positions, LayerNorm,
+GELU) is `GPT2LMHeadModel`, and rotary positions with RMSNorm and SwiGLU is `LlamaForCausalLM` (our
+rotary pairs (i, i + d/2) are Llama's rotate_half, so no permutation is needed).
+Any other combination is refused with one line naming the switch Hugging Face has no equivalent for:
+an approximate export would load without complaint and quietly compute something else.
+
+The directory holds config.json, generation_config.json and model.safetensors, not tokenizer files.
+
+Usage: gptrain export --model_path checkpoints/ckpt.pt --out hf/my-model
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from pathlib import Path
+
+import torch
+
+from gptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, model_config_from
+from gptrain.config import GPTConfig
+from gptrain.extras import require
+from gptrain.model import GPT, mlp_width
+from gptrain.tokenizer import GPT2Tokenizer
+
+# The switches that pick a target; a model must match one target in all three.
+TARGETS = {
+    "GPT-2": {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"},
+    "Llama": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"},
+}
+# Switches neither target has, with the value that turns them off.
+MUST_BE_OFF = {"qk_norm": False, "logit_softcap": None}
+# The other GPTConfig fields map onto both targets' configs (or, like zero_init_proj, only say how weights
+# start). tests/test_export.py checks that these four groups cover every field, so a new switch must say
+# here whether Hugging Face has its equivalent.
+MAPPED = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "rope_theta",
+          "tie_embeddings")
+INIT_ONLY = ("zero_init_proj",)
+SUPPORTED = "export supports GPT-2 (learned positions, layernorm, gelu) and Llama (rope, rmsnorm, swiglu)"
+
+
+class ExportError(ValueError):
+    """A model or setting that cannot be exported; the message is one line for the user."""
+
+
+def _spelled(value) -> str:
+    """A setting's value as the user writes it in YAML or key=value."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def target(config: GPTConfig) -> str:
+    """The Hugging Face architecture this model is, or ExportError naming every switch that breaks the
+    nearest one (the target matching more of pos_emb, norm and mlp; on a tie, the one pos_emb picks)."""
+    def matches(name: str) -> tuple[int, bool]:
+        switches = TARGETS[name]
+        return sum(getattr(config, k) == v for k, v in switches.items()), config.pos_emb == switches["pos_emb"]
+
+    nearest = max(TARGETS, key=matches)
+    off = [f"{k}={_spelled(getattr(config, k))}" for k, v in MUST_BE_OFF.items() if getattr(config, k) != v]
+    mixed = [f"{k}={_spelled(getattr(config, k))}" for k, v in TARGETS[nearest].items() if getattr(config, k) != v]
+    if off or mixed:
+        where = f"Hugging Face's {nearest}, the nearest target" if mixed else "Hugging Face's GPT-2 or Llama"
+        verb = "has" if len(off + mixed) == 1 else "have"
+        raise ExportError(f"{', '.join(off + mixed)} {verb} no equivalent in {where}; {SUPPORTED}")
+    return nearest
+
+
+def end_of_text(meta: dict | None) -> int | None:
+    """The id `prepare` puts between documents, which serves as both BOS and EOS; None when unknown."""
+    if meta is None:
+        return None
+    return GPT2Tokenizer.eot_id if meta["name"] == "gpt2" else meta.get("eot_id")  # char tokenizers have none
+
+
+def gpt2_config(transformers, config: GPTConfig, eot: int | None, dtype: str):
+    return transformers.GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head,
+        activation_function="gelu_new",  # the tanh approximation, as model.py's nn.GELU(approximate="tanh")
+        layer_norm_epsilon=1e-5, resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+        tie_word_embeddings=config.tie_embeddings,
+        bos_token_id=eot, eos_token_id=eot,  # explicit: GPT2Config would otherwise claim 50256 for any vocabulary
+        architectures=["GPT2LMHeadModel"], dtype=dtype,
+    )
+
+
+def gpt2_weights(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """model.py keeps OpenAI's parameter names, so they carry over as they are; Hugging Face's GPT-2
+    stores c_attn, c_fc and c_proj as Conv1D, (in, out), transposed from our nn.Linear's (out, in)."""
+    weights = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue  # the same matrix as wte; transformers ties it back on load
+        if not config.bias and name.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight", "ln_1.weight",
+                                              "ln_2.weight", "ln_f.weight")):
+            # Hugging Face's GPT-2 always has biases: zeros compute what none do
+            weights[name.removesuffix("weight") + "bias"] = tensor.new_zeros(tensor.size(0))
+        weights[name] = tensor.t() if name.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight")) else tensor
+    return weights
+
+
+def llama_config(transformers, config: GPTConfig, eot: int | None, dtype: str):
+    # transformers 5 takes the rotary base inside rope_parameters; 4.x took rope_theta
+    takes_parameters = "rope_parameters" in inspect.signature(transformers.LlamaConfig).parameters
+    rope = ({"rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta}} if takes_parameters
+            else {"rope_theta": config.rope_theta})
+    return transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=mlp_width(config),
+        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=config.n_head,
+        hidden_act="silu", max_position_embeddings=config.block_size, rms_norm_eps=1e-5, **rope,
+        attention_bias=config.bias, mlp_bias=config.bias,
+        attention_dropout=config.dropout,  # Llama drops attention weights only; we also drop residual updates
+        tie_word_embeddings=config.tie_embeddings,
+        bos_token_id=eot, eos_token_id=eot, pad_token_id=None,  # explicit: LlamaConfig would claim 1 and 2
+        architectures=["LlamaForCausalLM"], dtype=dtype,
+    )
+
+
+def llama_weights(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our fused matrices split along their rows: c_attn into q, k, v; SwiGLU's c_fc into gate, then up."""
+    weights = {"model.embed_tokens.weight": state["transformer.wte.weight"],
+               "model.norm.weight": state["transformer.ln_f.weight"]}
+    if not config.tie_embeddings:
+        weights["lm_head.weight"] = state["lm_head.weight"]
+    for i in range(config.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        weights[theirs + "input_layernorm.weight"] = state[ours + "ln_1.weight"]
+        weights[theirs + "post_attention_layernorm.weight"] = state[ours + "ln_2.weight"]
+        for kind in ("weight", "bias") if config.bias else ("weight",):
+            q, k, v = state[f"{ours}attn.c_attn.{kind}"].chunk(3)
+            gate, up = state[f"{ours}mlp.c_fc.{kind}"].chunk(2)
+            weights.update({
+                f"{theirs}self_attn.q_proj.{kind}": q,
+                f"{theirs}self_attn.k_proj.{kind}": k,
+                f"{theirs}self_attn.v_proj.{kind}": v,
+                f"{theirs}self_attn.o_proj.{kind}": state[f"{ours}attn.c_proj.{kind}"],
+                f"{theirs}mlp.gate_proj.{kind}": gate,
+                f"{theirs}mlp.up_proj.{kind}": up,
+                f"{theirs}mlp.down_proj.{kind}": state[f"{ours}mlp.c_proj.{kind}"],
+            })
+    return weights
+
+
+ARCHITECTURES = {"GPT-2": (gpt2_config, gpt2_weights), "Llama": (llama_config, llama_weights)}
+
+
+def export(model: GPT, out: str | Path, tokenizer_meta: dict | None = None) -> str:
+    """Write `model` as a Hugging Face directory at `out` (created; our files overwritten). Returns the
+    architecture's class name."""
+    transformers = require("transformers", "hf", "gptrain export", error=ExportError)
+    safetensors = require("safetensors.torch", "hf", "gptrain export", error=ExportError)
+    config, out = model.config, Path(out)
+    make_config, map_weights = ARCHITECTURES[target(config)]
+    state = model.state_dict()
+    dtype = str(state["transformer.wte.weight"].dtype).removeprefix("torch.")  # as stored: training keeps float32
+    hf_config = make_config(transformers, config, end_of_text(tokenizer_meta), dtype)
+    # safetensors refuses tensors that share memory (chunks of one matrix, a tied head): one copy each
+    weights = {name: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+               for name, t in map_weights(state, config).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    safetensors.save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    hf_config.save_pretrained(out)
+    transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(out)
+    return hf_config.architectures[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptrain export", description=__doc__.splitlines()[0])
+    p.add_argument("--model_path", default="checkpoints/ckpt.pt", help="checkpoint to export")
+    p.add_argument("--out", required=True, help="directory to write (created; files of an earlier export overwritten)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        require("transformers", "hf", "gptrain export", error=ExportError)  # before loading a large checkpoint
+        checkpoint = load_checkpoint(args.model_path)
+        config = model_config_from(checkpoint)
+        target(config)  # refuse before building the model
+        model = GPT(config)
+        load_weights(model, checkpoint, args.model_path)
+        architecture = export(model, args.out, checkpoint.get("tokenizer"))
+    except (ExportError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {architecture} to {args.out}")
+    meta = checkpoint.get("tokenizer")
+    recorded = f"the '{meta['name']}' tokenizer" if meta else "no tokenizer"
+    print(f"note: the checkpoint records {recorded}; tokenizer files are not written yet", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
