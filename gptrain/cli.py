@@ -9,8 +9,10 @@ SUBCOMMANDS = {
     "prepare": ("gptrain.prepare", "tokenize a corpus into train.bin / val.bin / meta.json"),
     "train": ("gptrain.train", "train or fine-tune a model: [config.yaml ...] [key=value ...]"),
     "generate": ("gptrain.generate", "sample text from a checkpoint"),
+    "eval": ("gptrain.evaluate", "loss, perplexity and bits per byte of a checkpoint over a whole split"),
     "export": ("gptrain.export", "write a checkpoint as a Hugging Face GPT-2 or Llama directory"),
     "launch": ("gptrain.launch", "torchrun, where SIGTERM/SIGUSR1 checkpoints and exits 0: [torchrun args] train.py ..."),
+    "plot": ("gptrain.plot", "draw runs' loss curves against tokens seen into a PNG: RUN_DIR [...] -o curves.png"),
 }
 
 

@@ -70,11 +70,16 @@ class TrainConfig(GPTConfig):
     log_interval: int = setting(1, "print a metrics line every this many iterations")
     always_save_checkpoint: bool = setting(True, "save at every evaluation, not only when val loss improves")
     # logging
-    log_dir: str = setting("logs", "TensorBoard event files and metrics.jsonl go here")
-    tensorboard: bool = setting(True, "write TensorBoard event files to log_dir")
+    run_name: Optional[str] = setting(None, "this run's name: its TensorBoard folder log_dir/<run_name> and its W&B name; "
+                                      "null = the name of out_dir")
+    log_dir: str = setting("logs", "TensorBoard event files go to log_dir/<run_name> (metrics.jsonl goes to out_dir)")
+    tensorboard: bool = setting(True, "write TensorBoard event files")
     wandb_log: bool = setting(False, "log metrics to Weights & Biases (needs the wandb package)")
+    sample_interval: int = setting(0, "at evaluations every this many steps, print and log a sample continuing "
+                                      "sample_prompt; 0 = never")
+    sample_prompt: str = setting("\n", "the prompt of those samples (the same seed every time, so they show what changed)")
     wandb_project: str = setting("gptrain", "W&B project name")
-    wandb_run_name: str = setting("gpt2-124M", "W&B run name")
+    wandb_run_name: Optional[str] = setting(None, "W&B run name; null = run_name")
     # data
     batch_size: Union[int, str] = setting(
         12, "sequences per micro-batch on each process (at most, with tokens_per_step); auto = the most that fits (CUDA)"
@@ -125,6 +130,11 @@ class TrainConfig(GPTConfig):
             return round(self.lr_decay_iters * (1 - self.decay_fraction))
         return self.warmup_iters
 
+    @property
+    def name(self) -> str:
+        """The run's name: run_name, or the name of its out_dir."""
+        return self.run_name or Path(self.out_dir).resolve().name
+
     def model_config(self) -> GPTConfig:
         return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
 
@@ -163,6 +173,8 @@ class TrainConfig(GPTConfig):
         problems += [f"{name} must be > 0 (got {getattr(self, name)})" for name in
                      ("rope_theta", "muon_lr", "embedding_lr", "head_lr")
                      if getattr(self, name) is not None and getattr(self, name) <= 0]
+        if self.sample_interval < 0 or (self.sample_interval and not self.sample_prompt):
+            problems.append("sample_interval must be >= 0, and sample_prompt not empty when it is on")
         if not 0 <= self.muon_momentum < 1:
             problems.append(f"muon_momentum must be in [0, 1) (got {self.muon_momentum})")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -235,13 +247,14 @@ def _coerce(value: Any, declared: Any) -> Any:
     """Widen ints to floats and scalars to strings ourselves: OmegaConf deprecates doing it implicitly."""
     if declared in (float, Optional[float]) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if declared is str and isinstance(value, (int, float)):
+    if declared in (str, Optional[str]) and isinstance(value, (int, float)):
         return str(value)
     return value
 
 
 def _type_name(declared: Any) -> str:
-    names = {Optional[int]: "int or null", Optional[float]: "float or null", Union[int, str]: "int or auto",
+    names = {Optional[int]: "int or null", Optional[float]: "float or null", Optional[str]: "str or null",
+             Union[int, str]: "int or auto",
              Union[bool, str]: "bool or auto"}
     return names.get(declared) or declared.__name__
 
@@ -286,7 +299,7 @@ def load_config(args: list[str], default_yaml: Path | None = DEFAULT_YAML) -> Tr
 def _resolved_type(f) -> Any:
     """Field types are strings under `from __future__ import annotations`; map them back to classes."""
     return {"int": int, "float": float, "bool": bool, "str": str, "Optional[int]": Optional[int],
-            "Optional[float]": Optional[float], "Union[int, str]": Union[int, str],
+            "Optional[float]": Optional[float], "Optional[str]": Optional[str], "Union[int, str]": Union[int, str],
             "Union[bool, str]": Union[bool, str]}[f.type]
 
 

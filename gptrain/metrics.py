@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import deque
 from pathlib import Path
 
@@ -39,6 +40,12 @@ def peak_flops(config: TrainConfig, device: torch.device, dtype: torch.dtype) ->
     return None
 
 
+def bits_per_byte(mean_loss: float, tokens: int, text_bytes: int) -> float:
+    """Bits per byte of text: the mean loss (nats per token) over `tokens` tokens spread over the bytes
+    they encode. Unlike the loss, it does not depend on the tokenizer, so any two runs compare."""
+    return mean_loss * tokens / (math.log(2) * text_bytes)
+
+
 def _duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -55,13 +62,20 @@ def format_record(record: dict) -> str:
         if record.get(key) is not None:
             text = fmt(record[key]) if callable(fmt) else fmt.format(record[key])
             parts.append(f"{label} {text}".strip())
-    return " | ".join(parts)
+    return " | ".join(parts) + (f"\n{record['sample']}" if "sample" in record else "")
 
 
 class MetricsLogger:
-    """Rank 0 writes every sink; the other ranks get a logger that drops everything."""
+    """Rank 0 writes every sink; the other ranks get a logger that drops everything.
 
-    def __init__(self, config: TrainConfig, info: DistInfo, resume: bool):
+    A run is one folder: metrics.jsonl sits in out_dir beside the checkpoint, TensorBoard's events go to
+    log_dir/<run name> (so `tensorboard --logdir logs` shows runs side by side), W&B's local files to
+    out_dir/wandb. A resumed run (`resume_step`) continues all three and first drops what was logged
+    past the checkpoint's step, so no step appears twice; W&B resumes the same run (`wandb_id`).
+    """
+
+    def __init__(self, config: TrainConfig, info: DistInfo, resume_step: int | None = None,
+                 wandb_id: str | None = None):
         self.active = info.is_main
         self.history: deque[dict] = deque(maxlen=10_000)  # the latest records, for callers such as tests
         self.jsonl = self.tensorboard = self.wandb = None
@@ -69,16 +83,30 @@ class MetricsLogger:
         wandb = require("wandb", "wandb", "wandb_log=true", error=ConfigError) if config.wandb_log else None
         if not self.active:
             return
-        log_dir = Path(config.log_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(log_dir / "metrics.jsonl", "a" if resume else "w")
+        out_dir = Path(config.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path, kept = out_dir / "metrics.jsonl", []
+        if resume_step is not None:
+            kept = _records_before(path, resume_step)
+            tmp = path.with_name(f".{path.name}.tmp")  # replaced in one rename: a crash now loses nothing
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            os.replace(tmp, path)
+        self.jsonl = open(path, "a" if resume_step is not None else "w")
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported late: it takes a second
 
-            self.tensorboard = SummaryWriter(log_dir=str(log_dir))
+            self.tensorboard = SummaryWriter(log_dir=str(Path(config.log_dir) / config.name), purge_step=resume_step)
+            for record in kept:  # the purge took the evaluation at the checkpoint's step too; it is not repeated
+                if record["step"] == resume_step:
+                    self._write_tensorboard(record)
         if wandb is not None:
-            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name,
-                                    config=vars(config), resume="allow")
+            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name or config.name,
+                                    id=wandb_id, resume="allow", dir=str(out_dir), config=vars(config))
+
+    @property
+    def wandb_id(self) -> str | None:
+        """The W&B run to continue on resume; the checkpoint keeps it."""
+        return self.wandb.id if self.wandb is not None else None
 
     def log(self, record: dict) -> None:
         if not self.active:
@@ -89,12 +117,16 @@ class MetricsLogger:
         finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}
         self.jsonl.write(json.dumps(finite) + "\n")
         self.jsonl.flush()
-        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
         if self.tensorboard is not None:
-            for key, value in scalars.items():
-                self.tensorboard.add_scalar(key, value, record["step"])
+            self._write_tensorboard(record)
         if self.wandb is not None:
-            self.wandb.log(scalars, step=record["step"])
+            self.wandb.log({**_scalars(record), **_texts(record)}, step=record["step"])
+
+    def _write_tensorboard(self, record: dict) -> None:
+        for key, value in _scalars(record).items():
+            self.tensorboard.add_scalar(key, value, record["step"])
+        for key, value in _texts(record).items():
+            self.tensorboard.add_text(key, value, record["step"])
 
     def close(self) -> None:
         if self.jsonl is not None:
@@ -103,3 +135,20 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _scalars(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _texts(record: dict) -> dict:
+    return {k: v for k, v in record.items() if isinstance(v, str)}
+
+
+def _records_before(path: Path, step: int) -> list[dict]:
+    """The records a run resumed at `step` keeps: those of earlier steps, and the evaluation at `step`
+    itself, which the checkpoint saved after and the resumed run does not repeat."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["step"] < step or (r["step"] == step and "val/loss" in r)]

@@ -30,9 +30,14 @@ from gptrain.distributed import (
     mean_across_ranks, min_across_ranks, parallelize, print0, teardown,
 )
 from gptrain.evaluate import estimate_loss
-from gptrain.metrics import MetricsLogger, peak_flops
+from gptrain.generate import decode, generate_tokens, sample_generators
+from gptrain.metrics import MetricsLogger, bits_per_byte, peak_flops
 from gptrain.model import GPT
 from gptrain.optim import build_optimizers, lr_multiplier, set_lr
+from gptrain.tokenizer import from_meta
+
+
+SAMPLE_TOKENS = 100  # the length of the samples printed at evaluations (sample_interval)
 
 
 class TrainingError(RuntimeError):
@@ -54,6 +59,7 @@ class Run:
     train_batches: BatchSampler
     eval_batches: dict[str, BatchSampler]
     tokenizer_meta: dict | None
+    val_bytes_per_token: float | None  # of the val split's text, for bits per byte; None if not recorded
     logger: MetricsLogger
     stop: StopRequest
     step: int = 0
@@ -72,6 +78,13 @@ class Run:
     def autocast(self):
         """FSDP casts the weights itself (its precision policy), so autocast is only for the others."""
         return nullcontext() if self.config.parallelism == "fsdp" else autocast(self.device, self.dtype)
+
+
+def _bytes_per_token(split: dict | None) -> float | None:
+    """Bytes of text per token of a split, as prepare recorded them (nanoGPT's data records none)."""
+    if not split or not split.get("text_bytes") or not split.get("tokens"):
+        return None
+    return split["text_bytes"] / split["tokens"]
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -150,7 +163,9 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
         # evaluation draws from its own streams, apart from the training data
         eval_batches={"train": sampler(train_tokens, eval_batch, config.seed + 1),
                       "val": sampler(val_tokens, eval_batch, config.seed + 1)},
-        tokenizer_meta=meta.get("tokenizer"), logger=MetricsLogger(config, info, resume),
+        tokenizer_meta=meta.get("tokenizer"), val_bytes_per_token=_bytes_per_token(meta.get("val")),
+        logger=MetricsLogger(config, info, resume_step=checkpoint["iter_num"] if resume else None,
+                             wandb_id=checkpoint.get("wandb_id") if resume else None),
         stop=StopRequest(info, device),
     )
     if resume:
@@ -284,6 +299,7 @@ def save(run: Run) -> None:
         "iter_num": run.step,  # with the seed, this is the data position too
         "best_val_loss": run.best_val_loss,
         "tokenizer": run.tokenizer_meta,
+        "wandb_id": run.logger.wandb_id,
     }
     path = Path(run.config.out_dir) / "ckpt.pt"
     save_checkpoint(path, run_state, model=run.raw_model, optimizers=run.optimizers, info=run.info,
@@ -324,7 +340,26 @@ def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
 def evaluate(run: Run) -> dict:
     losses = {split: estimate_loss(run.model, sampler, run.config.eval_iters, run.device, run.autocast, run.info)
               for split, sampler in run.eval_batches.items()}
-    return {"step": run.step, "val/loss": losses["val"], "eval/train_loss": losses["train"]}
+    record = {"step": run.step, "tokens": run.step * run.tokens_per_step, "val/loss": losses["val"],
+              "eval/train_loss": losses["train"]}
+    if run.val_bytes_per_token:
+        record["val/bpb"] = bits_per_byte(losses["val"], tokens=1, text_bytes=run.val_bytes_per_token)
+    return record
+
+
+@torch.no_grad()
+def sample(run: Run) -> str:
+    """SAMPLE_TOKENS tokens continuing sample_prompt, drawn from the same random stream every time, so
+    successive samples show what the model learned. Every rank draws it (FSDP's forwards are collective)."""
+    tokenizer = from_meta(run.tokenizer_meta or {"name": "gpt2"})
+    prompt = torch.tensor([tokenizer.encode(run.config.sample_prompt)], device=run.device)
+    run.raw_model.eval()
+    with run.autocast:
+        tokens = list(generate_tokens(run.raw_model, prompt, SAMPLE_TOKENS, temperature=0.8, top_k=200,
+                                      generators=sample_generators(1, run.config.seed, run.device),
+                                      vocab_limit=tokenizer.vocab_size))
+    run.raw_model.train()
+    return decode(tokenizer, torch.cat(tokens, dim=1)[0].tolist())
 
 
 def _guarding_compile(run: Run, step):
@@ -389,6 +424,8 @@ def _loop(run: Run, bar: tqdm) -> None:
         if config.eval_only or (due and not resumed_here):
             eval_started = time.perf_counter()
             record = _guarding_compile(run, evaluate)
+            if config.sample_interval and run.step % config.sample_interval == 0:
+                record["sample"] = sample(run)
             run.logger.log(record)
             _check_finite(record["val/loss"], run, "val loss")
             if record["val/loss"] < run.best_val_loss or config.always_save_checkpoint:
@@ -413,7 +450,8 @@ def _loop(run: Run, bar: tqdm) -> None:
         if run.step % config.log_interval == 0:
             loss = mean_across_ranks(loss, run.info).item()  # a CPU-GPU sync point, so only on log steps
             _check_finite(loss, run, "training loss")
-            record = {"step": run.step, "train/loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
+            record = {"step": run.step, "tokens": run.step * run.tokens_per_step,  # seen before this step's
+                      "train/loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
             if run.step > run.start_step:  # the first step pays for compilation and warm-up
                 seconds = (time.perf_counter() - timer) / timed_steps
                 tokens_per_sec = run.tokens_per_step / seconds

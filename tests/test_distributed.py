@@ -46,7 +46,7 @@ def run_ok(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "out" / "metrics.jsonl").read_text().splitlines()]
 
 
 class Job:
@@ -93,7 +93,7 @@ def background(tmp_path):
 
 def wait_for_records(run_dir: Path, count: int, timeout: float = 120) -> None:
     """Until a run in the background has logged `count` records (so it is mid-training)."""
-    metrics, deadline = run_dir / "logs" / "metrics.jsonl", time.monotonic() + timeout
+    metrics, deadline = run_dir / "out" / "metrics.jsonl", time.monotonic() + timeout
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= count):
         assert time.monotonic() < deadline, f"{metrics} did not reach {count} records"
         time.sleep(0.2)

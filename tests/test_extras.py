@@ -62,7 +62,7 @@ def test_wandb_log_without_wandb_stops_every_rank(tmp_path, monkeypatch):
     config = TrainConfig(log_dir=str(tmp_path / "logs"), wandb_log=True)
     for rank in (0, 1):
         with pytest.raises(ConfigError, match=r'^wandb_log=true needs the wandb package: pip install "gptrain\[wandb\]"$'):
-            MetricsLogger(config, DistInfo(rank=rank, world_size=2), resume=False)
+            MetricsLogger(config, DistInfo(rank=rank, world_size=2))
     assert not (tmp_path / "logs").exists()
 
 

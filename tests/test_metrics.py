@@ -29,17 +29,18 @@ def test_console_line_shows_what_the_record_has():
 
 
 def test_jsonl_writes_null_for_non_finite_values(tmp_path):
-    logger = MetricsLogger(TrainConfig(log_dir=str(tmp_path), tensorboard=False), DistInfo(), resume=False)
+    logger = MetricsLogger(TrainConfig(out_dir=str(tmp_path), tensorboard=False), DistInfo())
     logger.log({"step": 3, "train/loss": 2.0, "grad_norm": float("inf")})
     logger.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "train/loss": 2.0, "grad_norm": None}
 
 
 def test_other_ranks_write_nothing(tmp_path):
-    logger = MetricsLogger(TrainConfig(log_dir=str(tmp_path / "logs")), DistInfo(rank=1, world_size=2), resume=False)
+    config = TrainConfig(out_dir=str(tmp_path / "out"), log_dir=str(tmp_path / "logs"))
+    logger = MetricsLogger(config, DistInfo(rank=1, world_size=2))
     logger.log({"step": 0, "train/loss": 1.0})
     logger.close()
-    assert not (tmp_path / "logs").exists() and not logger.history
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "out").exists() and not logger.history
 
 
 @pytest.mark.parametrize("name, expected", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),

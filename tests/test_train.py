@@ -1,3 +1,4 @@
+import math
 import json
 
 import pytest
@@ -78,16 +79,55 @@ def test_fine_tuning_starts_from_the_checkpoint_weights(tiny_config, tmp_path):
 
 
 def test_every_log_step_lands_in_metrics_jsonl_and_tensorboard(tiny_config, tmp_path):
-    history = train(tiny_config("max_iters=4", "tensorboard=true", "log_interval=2"))
-    records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    history = train(tiny_config("max_iters=4", "tensorboard=true", "log_interval=2", "eval_interval=2"))
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert records == history
     assert [r["step"] for r in records if "train/loss" in r] == [0, 2]
     assert records[-2]["step"] == 2 and records[-2]["tokens_per_sec"] > 0 and records[-2]["ms_per_iter"] > 0
-    events = EventAccumulator(str(tmp_path / "logs"))
+    assert [r["tokens"] for r in records if "train/loss" in r] == [0, 512]  # seen before the step: 8 x 32 a step
+    # char data: a byte per token, so bits per byte is the loss in bits
+    assert all(r["val/bpb"] == pytest.approx(r["val/loss"] / math.log(2)) for r in records if "val/loss" in r)
+    events = EventAccumulator(str(tmp_path / "logs" / "out"))  # log_dir / the run's name (out_dir's)
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
-        (r["step"], pytest.approx(r["train/loss"])) for r in records if "train/loss" in r
-    ]
+    for tag in ("train/loss", "val/loss", "val/bpb", "lr", "grad_norm", "tokens"):
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [
+            (r["step"], pytest.approx(r[tag])) for r in records if tag in r], tag
+
+
+def test_a_resumed_run_logs_each_step_once(tiny_config, tmp_path):
+    """The first run goes on past its last checkpoint (iter 4) to iter 6, as if killed there; the resumed run
+    drops what was logged after iter 4 from metrics.jsonl and TensorBoard and logs it again, once."""
+    common = ("tensorboard=true", "eval_interval=4", "always_save_checkpoint=true")
+    train(tiny_config(*common, "max_iters=8"))
+    checkpoint = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    (tmp_path / "out" / "ckpt.pt").unlink()
+    train(tiny_config(*common, "max_iters=4", f"out_dir={tmp_path / 'four'}"))  # a checkpoint at iter 4
+    (tmp_path / "four" / "ckpt.pt").rename(tmp_path / "out" / "ckpt.pt")
+    assert checkpoint["iter_num"] == 8 and load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 4
+    train(tiny_config(*common, "max_iters=8", "init_from=resume"))
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("train/loss", "val/loss"):
+        steps = [r["step"] for r in records if key in r]
+        assert steps == sorted(set(steps)), key
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(8))
+    assert [r["step"] for r in records if "val/loss" in r] == [0, 4, 8]
+    events = EventAccumulator(str(tmp_path / "logs" / "out"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(8))
+    assert [e.step for e in events.Scalars("val/loss")] == [0, 4, 8]
+
+
+def test_wandb_offline_run_writes_its_run_directory_and_resumes_it(tiny_config, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(tiny_config("wandb_log=true", "max_iters=4", "eval_interval=4"))
+    run_id = load_checkpoint(tmp_path / "out" / "ckpt.pt")["wandb_id"]
+    [log] = (tmp_path / "out" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    written = log.read_bytes()  # protobuf records, which `wandb sync` uploads; the keys are there as text
+    assert all(key.encode() in written for key in ("train/loss", "val/loss", "val/bpb", "lr", "grad_norm", "tokens"))
+    train(tiny_config("wandb_log=true", "max_iters=6", "eval_interval=4", "init_from=resume"))
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["wandb_id"] == run_id  # the same W&B run, continued
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -178,3 +218,13 @@ def test_only_a_large_vocabulary_is_padded_to_a_multiple_of_64():
     assert padded_vocab(50257) == 50304  # GPT-2's: 0.09% more
     assert padded_vocab(50304) == 50304
     assert padded_vocab(65) == 65  # tiny-shakespeare's characters: padding would nearly double it
+
+
+def test_samples_at_evaluations_continue_the_prompt_and_reach_tensorboard(tiny_config, tmp_path):
+    history = train(tiny_config("sample_interval=10", 'sample_prompt="ROMEO:"', "tensorboard=true"))
+    samples = {r["step"]: r["sample"] for r in history if "sample" in r}
+    assert list(samples) == [0, 10, 20] and all(len(text) == 100 for text in samples.values())  # 100 characters
+    assert samples[0] != samples[20]  # the same random stream each time: what changed is the model
+    events = EventAccumulator(str(tmp_path / "logs" / "out"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [e.step for e in events.Tensors("sample/text_summary")] == [0, 10, 20]
