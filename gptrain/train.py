@@ -29,9 +29,9 @@ from gptrain.distributed import (
     DistInfo, StopRequest, check_parallelism, clip_grad_norm, dist_info, eager, gradient_sync, init_distributed,
     mean_across_ranks, min_across_ranks, parallelize, print0, teardown,
 )
-from gptrain.evaluate import estimate_loss
+from gptrain.evaluate import estimate_loss, split_bits_per_byte
 from gptrain.generate import decode, generate_tokens, sample_generators
-from gptrain.metrics import MetricsLogger, bits_per_byte, peak_flops
+from gptrain.metrics import MetricsLogger, peak_flops
 from gptrain.model import GPT
 from gptrain.optim import build_optimizers, lr_multiplier, set_lr
 from gptrain.tokenizer import from_meta
@@ -59,7 +59,7 @@ class Run:
     train_batches: BatchSampler
     eval_batches: dict[str, BatchSampler]
     tokenizer_meta: dict | None
-    val_bytes_per_token: float | None  # of the val split's text, for bits per byte; None if not recorded
+    val_meta: dict  # the val split's tokens and text bytes as prepare recorded them, for bits per byte
     logger: MetricsLogger
     stop: StopRequest
     step: int = 0
@@ -78,13 +78,6 @@ class Run:
     def autocast(self):
         """FSDP casts the weights itself (its precision policy), so autocast is only for the others."""
         return nullcontext() if self.config.parallelism == "fsdp" else autocast(self.device, self.dtype)
-
-
-def _bytes_per_token(split: dict | None) -> float | None:
-    """Bytes of text per token of a split, as prepare recorded them (nanoGPT's data records none)."""
-    if not split or not split.get("text_bytes") or not split.get("tokens"):
-        return None
-    return split["text_bytes"] / split["tokens"]
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -163,7 +156,7 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
         # evaluation draws from its own streams, apart from the training data
         eval_batches={"train": sampler(train_tokens, eval_batch, config.seed + 1),
                       "val": sampler(val_tokens, eval_batch, config.seed + 1)},
-        tokenizer_meta=meta.get("tokenizer"), val_bytes_per_token=_bytes_per_token(meta.get("val")),
+        tokenizer_meta=meta.get("tokenizer"), val_meta=meta.get("val") or {},
         logger=MetricsLogger(config, info, resume_step=checkpoint["iter_num"] if resume else None,
                              wandb_id=checkpoint.get("wandb_id") if resume else None),
         stop=StopRequest(info, device),
@@ -342,8 +335,8 @@ def evaluate(run: Run) -> dict:
               for split, sampler in run.eval_batches.items()}
     record = {"step": run.step, "tokens": run.step * run.tokens_per_step, "val/loss": losses["val"],
               "eval/train_loss": losses["train"]}
-    if run.val_bytes_per_token:
-        record["val/bpb"] = bits_per_byte(losses["val"], tokens=1, text_bytes=run.val_bytes_per_token)
+    if (bpb := split_bits_per_byte(losses["val"], run.val_meta.get("tokens"), run.val_meta)) is not None:
+        record["val/bpb"] = bpb  # nanoGPT's data records no text bytes
     return record
 
 
