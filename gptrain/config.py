@@ -21,6 +21,7 @@ PARALLELISMS = ("ddp", "fsdp")
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu"),
            "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"), "dtype": DTYPE_NAMES,
            "parallelism": PARALLELISMS, "backend": ("nccl", "gloo")}
+GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's, from the Hugging Face hub (init_from)
 
 
 class ConfigError(ValueError):
@@ -63,7 +64,10 @@ class TrainConfig(GPTConfig):
     # I/O
     out_dir: str = setting("checkpoints", "where ckpt.pt is written")
     data_dir: str = setting("data/openwebtext", "directory with train.bin, val.bin and meta.json from `gptrain prepare`")
-    init_from: str = setting("scratch", "scratch | resume (from out_dir/ckpt.pt) | path to a ckpt.pt to fine-tune from")
+    init_from: str = setting(
+        "scratch", "scratch | resume (from out_dir/ckpt.pt) | path to a ckpt.pt to fine-tune from | gpt2, gpt2-medium, "
+        "gpt2-large, gpt2-xl (OpenAI's, from the hub) or a local Hugging Face GPT-2 directory to fine-tune from"
+    )
     eval_interval: int = setting(2000, "evaluate on val (and maybe checkpoint) every this many iterations")
     eval_iters: int = setting(200, "batches averaged per evaluation")
     eval_only: bool = setting(False, "evaluate once and exit")
@@ -179,8 +183,10 @@ class TrainConfig(GPTConfig):
             problems.append(f"muon_momentum must be in [0, 1) (got {self.muon_momentum})")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             problems.append(f"beta1 and beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
-        if self.init_from not in ("scratch", "resume") and not Path(self.init_from).is_file():
-            problems.append(f"init_from must be scratch, resume or the path of a checkpoint file (got '{self.init_from}')")
+        if not (self.init_from in ("scratch", "resume", *GPT2_MODELS) or Path(self.init_from).is_file()
+                or (Path(self.init_from) / "config.json").is_file()):
+            problems.append(f"init_from must be scratch, resume, the path of a checkpoint file, one of "
+                            f"{', '.join(GPT2_MODELS)} or a Hugging Face GPT-2 directory (got '{self.init_from}')")
         if self.dist_timeout_s <= 0:
             problems.append(f"dist_timeout_s must be > 0 (got {self.dist_timeout_s})")
         if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):

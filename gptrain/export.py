@@ -8,7 +8,14 @@ rotary pairs (i, i + d/2) are Llama's rotate_half, so no permutation is needed).
 Any other combination is refused with one line naming the switch Hugging Face has no equivalent for:
 an approximate export would load without complaint and quietly compute something else.
 
-The directory holds config.json, generation_config.json and model.safetensors, not tokenizer files.
+The directory holds config.json, generation_config.json and model.safetensors, and the tokenizer the
+checkpoint records as tokenizer.json and tokenizer_config.json, so `AutoTokenizer.from_pretrained(DIR)`
+encodes text to the ids we would. Every tokenizer we have has an exact form there: GPT-2's is
+`GPT2TokenizerFast` from the shipped BPE files, a trained `bpe` or an `hf:` one is its own tokenizers JSON,
+and a char vocabulary is a word-level model over single characters. One difference is Hugging Face's
+convention: it reads the text "<|endoftext|>" as the special token, where our encode treats it as text.
+When the embedding is padded past the tokenizer's vocabulary, generation_config.json's suppress_tokens
+lists the padded ids, so Hugging Face's generate never samples them (as our generate's vocab_limit).
 
 Usage: gptrain export --model_path checkpoints/ckpt.pt --out hf/my-model
 """
@@ -17,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +35,8 @@ from gptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, m
 from gptrain.config import GPTConfig
 from gptrain.extras import require
 from gptrain.model import GPT, mlp_width
-from gptrain.tokenizer import GPT2Tokenizer
+from gptrain import tokenizer as tokenizers
+from gptrain.tokenizer import ASSETS, GPT2Tokenizer
 
 # The switches that pick a target; a model must match one target in all three.
 TARGETS = {
@@ -149,9 +159,40 @@ def llama_weights(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str
 ARCHITECTURES = {"GPT-2": (gpt2_config, gpt2_weights), "Llama": (llama_config, llama_weights)}
 
 
+def hf_tokenizer(transformers, meta: dict, max_length: int):
+    """The tokenizer `meta` describes as a transformers tokenizer that encodes text to the same ids."""
+    name = meta["name"]
+    if name == "gpt2":
+        # the GPT-2 BPE files under the names transformers looks for; loading them needs no network
+        with tempfile.TemporaryDirectory() as files:
+            shutil.copy(ASSETS / "encoder.json", Path(files) / "vocab.json")
+            shutil.copy(ASSETS / "vocab.bpe", Path(files) / "merges.txt")
+            return transformers.GPT2TokenizerFast.from_pretrained(files, model_max_length=max_length)
+    tk = require("tokenizers", "data", f"exporting the {name} tokenizer", error=ExportError)
+    if name == "char":
+        # one word per character: split before every character (newlines included), join with nothing
+        chars = tokenizers.from_meta(meta).chars
+        tok = tk.Tokenizer(tk.models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+        tok.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(r"[\s\S]"), "isolated")
+        tok.decoder = tk.decoders.Fuse()
+        special = {}
+    elif name == "bpe" or name.startswith("hf:"):
+        try:
+            tok = tk.Tokenizer.from_str(meta["tokenizer_json"])
+        except Exception as e:  # tokenizers raises a bare Exception for JSON it cannot read
+            raise ExportError(f"cannot read the checkpoint's {name!r} tokenizer: {e}") from None
+        eot = meta.get("eot_id")
+        eot_text = tok.id_to_token(eot) if eot is not None else None
+        special = {"bos_token": eot_text, "eos_token": eot_text} if eot_text is not None else {}
+    else:
+        raise ExportError(f"unknown tokenizer {name!r} in the checkpoint")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length,
+                                                clean_up_tokenization_spaces=False, **special)
+
+
 def export(model: GPT, out: str | Path, tokenizer_meta: dict | None = None) -> str:
-    """Write `model` as a Hugging Face directory at `out` (created; our files overwritten). Returns the
-    architecture's class name."""
+    """Write `model` as a Hugging Face directory at `out` (created; our files overwritten), with the
+    tokenizer `tokenizer_meta` describes when given. Returns the architecture's class name."""
     transformers = require("transformers", "hf", "gptrain export", error=ExportError)
     safetensors = require("safetensors.torch", "hf", "gptrain export", error=ExportError)
     config, out = model.config, Path(out)
@@ -159,13 +200,23 @@ def export(model: GPT, out: str | Path, tokenizer_meta: dict | None = None) -> s
     state = model.state_dict()
     dtype = str(state["transformer.wte.weight"].dtype).removeprefix("torch.")  # as stored: training keeps float32
     hf_config = make_config(transformers, config, end_of_text(tokenizer_meta), dtype)
+    tokenizer = hf_tokenizer(transformers, tokenizer_meta, config.block_size) if tokenizer_meta else None
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise ExportError(f"the checkpoint's {tokenizer_meta['name']!r} tokenizer has {len(tokenizer)} tokens, "
+                          f"more than the model's vocab_size {config.vocab_size}")
     # safetensors refuses tensors that share memory (chunks of one matrix, a tied head): one copy each
     weights = {name: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
                for name, t in map_weights(state, config).items()}
     out.mkdir(parents=True, exist_ok=True)
     safetensors.save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     hf_config.save_pretrained(out)
-    transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(out)
+    generation = transformers.GenerationConfig.from_model_config(hf_config)
+    if tokenizer is not None and len(tokenizer) < config.vocab_size:
+        # the embedding is padded (to a multiple of 64, say): ids no text encodes to, never to be sampled
+        generation.suppress_tokens = list(range(len(tokenizer), config.vocab_size))
+    generation.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     return hf_config.architectures[0]
 
 
@@ -186,13 +237,16 @@ def main(argv: list[str] | None = None) -> None:
         model = GPT(config)
         load_weights(model, checkpoint, args.model_path)
         architecture = export(model, args.out, checkpoint.get("tokenizer"))
-    except (ExportError, CheckpointError, OSError) as e:
+    except (ExportError, CheckpointError, tokenizers.TokenizerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {architecture} to {args.out}")
     meta = checkpoint.get("tokenizer")
-    recorded = f"the '{meta['name']}' tokenizer" if meta else "no tokenizer"
-    print(f"note: the checkpoint records {recorded}; tokenizer files are not written yet", file=sys.stderr)
+    if meta:
+        print(f"wrote {architecture} and the '{meta['name']}' tokenizer to {args.out}")
+    else:
+        print(f"wrote {architecture} to {args.out}")
+        print("note: the checkpoint records no tokenizer, so no tokenizer files are written; copy those of the "
+              "tokenizer it was trained with into the directory", file=sys.stderr)
 
 
 if __name__ == "__main__":

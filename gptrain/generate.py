@@ -8,6 +8,7 @@ Usage: gptrain generate --model_path checkpoints/ckpt.pt --prompt "..." [--max_n
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from gptrain import tokenizer as tokenizers
 from gptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, model_config_from
 from gptrain.config import DTYPE_NAMES, ConfigError
+from gptrain.data import DataError, read_meta
 from gptrain.device import autocast, resolve_device, resolve_dtype
 from gptrain.model import GPT, KVCache
 
@@ -128,24 +130,71 @@ def decode(tokenizer, tokens: list[int]) -> str:
     return "".join(decoder.push(t) for t in tokens) + decoder.flush()
 
 
-def load_model(path: str | Path, device: torch.device) -> tuple[GPT, object]:
-    """The model in eval mode and the tokenizer it was trained with, from a checkpoint alone."""
+def vocabulary_file(checkpoint: dict, meta_path: str | Path | None) -> Path | None:
+    """Where the vocabulary of a checkpoint that records no tokenizer lives: --meta (a meta.pkl or
+    meta.json, or the data directory holding one), else, for a nanoGPT checkpoint, the meta.pkl of the
+    dataset it names, data/<dataset>/, relative to the current directory as nanoGPT's sample.py reads it."""
+    if meta_path is not None:
+        path = Path(meta_path)
+        if path.is_dir():
+            found = [path / name for name in ("meta.json", "meta.pkl") if (path / name).is_file()]
+            if not found:
+                raise CheckpointError(f"--meta {meta_path}: the directory holds no meta.json or meta.pkl")
+            return found[0]  # read_meta's preference too
+        if path.name not in ("meta.json", "meta.pkl") or not path.is_file():
+            raise CheckpointError(f"--meta {meta_path}: not a meta.json, a meta.pkl or a directory holding one")
+        return path
+    dataset = (checkpoint.get("config") or {}).get("dataset")
+    if not isinstance(dataset, str) or not dataset:
+        return None
+    return next((f for f in (Path("data") / dataset / "meta.pkl", Path("data") / dataset / "meta.json")
+                 if f.is_file()), None)
+
+
+def tokenizer_meta_in(file: Path) -> dict:
+    """The tokenizer a meta.json or meta.pkl describes. A meta.pkl is read as plain data only: unpickling
+    it cannot run code, as torch.load of an untrusted file could."""
+    try:
+        meta = read_meta(file.parent)  # prefers a meta.json beside a meta.pkl: gptrain's record of the same data
+    except (DataError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+    if not isinstance(meta, dict) or "tokenizer" not in meta:
+        raise CheckpointError(f"{file} describes no tokenizer (no 'itos' table, no 'tokenizer' entry)")
+    return meta["tokenizer"]
+
+
+def load_model(path: str | Path, device: torch.device, meta_path: str | Path | None = None) -> tuple[GPT, object]:
+    """The model in eval mode and the tokenizer it was trained with: the one the checkpoint records, or
+    the vocabulary in --meta, or for a nanoGPT checkpoint its dataset's meta.pkl, or else GPT-2's."""
     checkpoint = load_checkpoint(path, map_location=device)
     model = GPT(model_config_from(checkpoint, dropout=0.0)).to(device)
     load_weights(model, checkpoint, path)
     model.eval()
     meta = checkpoint.get("tokenizer")
-    if meta is None:  # e.g. a nanoGPT checkpoint: GPT-2's tokenizer is the only safe guess
+    file = vocabulary_file(checkpoint, meta_path) if meta is None or meta_path is not None else None
+    if file is not None:
+        meta = tokenizer_meta_in(file)
+        print(f"note: using the '{meta['name']}' tokenizer of {file}", file=sys.stderr)
+    elif meta is None:  # e.g. a nanoGPT checkpoint of a GPT-2-tokenized dataset: the only safe guess
         if model.config.vocab_size < tokenizers.GPT2Tokenizer.vocab_size:
-            raise CheckpointError(f"{path} records no tokenizer and its vocabulary is too small for GPT-2's")
+            raise CheckpointError(f"{path} records no tokenizer and its vocabulary is too small for GPT-2's; "
+                                  f"give the vocabulary it was trained with: --meta data/DATASET/meta.pkl")
         print("note: the checkpoint records no tokenizer; using GPT-2's", file=sys.stderr)
         meta = {"name": "gpt2"}
-    return model, tokenizers.from_meta(meta)
+    tokenizer = tokenizers.from_meta(meta)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        source = file or path
+        raise CheckpointError(f"the tokenizer of {source} has {tokenizer.vocab_size} tokens, more than the model's "
+                              f"vocab_size {model.config.vocab_size}: not the vocabulary it was trained with")
+    return model, tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptrain generate", description=__doc__.splitlines()[0])
     p.add_argument("--model_path", default="checkpoints/ckpt.pt", help="checkpoint to sample from")
+    p.add_argument("--meta", default=None,
+                   help="vocabulary for a checkpoint that records none (nanoGPT's): a meta.pkl or meta.json, or "
+                        "the data directory holding one; default data/<its dataset>/meta.pkl if present")
     p.add_argument("--prompt", default="\n", help="text to continue, or FILE:path to read it from a file")
     p.add_argument("--max_new_tokens", type=int, default=500, help="tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; <1 sharper, >1 more random")
@@ -174,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _check_args(args)
         device = resolve_device(args.device)
-        model, tokenizer = load_model(args.model_path, device)
+        model, tokenizer = load_model(args.model_path, device, args.meta)
         prompt = args.prompt
         if prompt.startswith("FILE:"):
             prompt = Path(prompt[5:]).read_text(encoding="utf-8")

@@ -31,6 +31,7 @@ from gptrain.distributed import (
 )
 from gptrain.evaluate import estimate_loss, split_bits_per_byte
 from gptrain.generate import decode, generate_tokens, sample_generators
+from gptrain.hf import hf_checkpoint, is_hf_gpt2
 from gptrain.metrics import MetricsLogger, peak_flops
 from gptrain.model import GPT
 from gptrain.optim import build_optimizers, lr_multiplier, set_lr
@@ -89,15 +90,34 @@ def padded_vocab(vocab_size: int) -> int:
 
 
 def _model_config(config: TrainConfig, meta: dict, checkpoint: dict | None, info: DistInfo) -> GPTConfig:
-    """The checkpoint's shape when starting from one (only dropout may change), else the config's."""
+    """The checkpoint's shape when starting from one (only dropout may change, and a fine-tune's block_size
+    may shrink), else the config's."""
     if checkpoint is None:
         return replace(config.model_config(), vocab_size=config.vocab_size or padded_vocab(meta["vocab_size"]))
     model_config = model_config_from(checkpoint, dropout=config.dropout)
+    if config.init_from != "resume" and config.block_size != model_config.block_size:
+        model_config = _cropped(model_config, checkpoint, config)
     ignored = [f"{f.name}={getattr(config, f.name)}" for f in fields(GPTConfig)
                if getattr(config, f.name) not in (getattr(model_config, f.name), None)]
     if ignored:
         print0(info, f"note: the checkpoint fixes the model's shape; ignoring {', '.join(ignored)}")
     return model_config
+
+
+def _cropped(model_config: GPTConfig, checkpoint: dict, config: TrainConfig) -> GPTConfig:
+    """Fine-tune on a shorter context than the source's: keep the first block_size rows of the position
+    table (rotary positions are recomputed for any length when the model is built)."""
+    if model_config.pos_emb == "rope":
+        return replace(model_config, block_size=config.block_size)
+    if config.block_size > model_config.block_size:
+        raise ConfigError(f"block_size={config.block_size} is larger than the {model_config.block_size} learned "
+                          f"positions of {config.init_from}; set block_size <= {model_config.block_size}")
+    if "sharded" in checkpoint:
+        raise CheckpointError(f"{config.init_from} is sharded, and its position table cannot be cropped to "
+                              f"block_size={config.block_size}; fine-tune at block_size={model_config.block_size}")
+    wpe = "transformer.wpe.weight"
+    checkpoint["model"][wpe] = checkpoint["model"][wpe][:config.block_size].clone()
+    return replace(model_config, block_size=config.block_size)
 
 
 def build(config: TrainConfig, info: DistInfo) -> Run:
@@ -118,7 +138,10 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
     checkpoint = None
     if config.init_from != "scratch":
         path = Path(config.out_dir) / "ckpt.pt" if resume else Path(config.init_from)
-        checkpoint = load_checkpoint(path)  # on the CPU: each rank copies what it keeps to the device
+        # on the CPU: each rank copies what it keeps to the device; a Hugging Face GPT-2 comes as a checkpoint
+        # of weights, shape and GPT-2's tokenizer alone
+        checkpoint = (hf_checkpoint(config.init_from, config.dropout) if not resume and is_hf_gpt2(config.init_from)
+                      else load_checkpoint(path))
     model_config = _model_config(config, meta, checkpoint, info)
     saved_tokenizer = checkpoint.get("tokenizer") if checkpoint else None
     if saved_tokenizer and meta.get("tokenizer") and saved_tokenizer != meta["tokenizer"]:

@@ -88,8 +88,8 @@ def test_settings_that_would_fail_later_are_caught_at_start_up():
     with pytest.raises(ConfigError) as e:
         load_config(["beta1=1.5", "init_from=resum", "backend=mpi"])
     assert str(e.value) == ("backend must be one of nccl, gloo (got 'mpi'); beta1 and beta2 must be in [0, 1) "
-                            "(got 1.5, 0.95); init_from must be scratch, resume or the path of a checkpoint file "
-                            "(got 'resum')")
+                            "(got 1.5, 0.95); init_from must be scratch, resume, the path of a checkpoint file, one of "
+                            "gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 directory (got 'resum')")
 
 
 def test_tokens_per_step_fixes_the_step_whatever_the_world_size():

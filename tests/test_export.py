@@ -13,6 +13,7 @@ from gptrain.config import GPTConfig
 from gptrain.distributed import DistInfo
 from gptrain.generate import generate_tokens
 from gptrain.model import GPT, mlp_width
+from gptrain.tokenizer import GPT2Tokenizer, from_meta, train_bpe
 
 transformers = pytest.importorskip("transformers")  # gptrain[hf]; gptrain.export itself imports it lazily
 
@@ -59,7 +60,10 @@ def exported(capsys, tmp_path, model: GPT, tokenizer: dict | None = CHARS):
                                "--out", str(out))
     assert code == 0, stderr
     assert stdout.startswith("wrote ") and len(stdout.splitlines()) == 1
-    assert stderr.strip().endswith("tokenizer files are not written yet")
+    if tokenizer:
+        assert stdout.endswith(f" and the '{tokenizer['name']}' tokenizer to {out}\n")
+    else:
+        assert "no tokenizer files are written" in stderr
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return hf.eval(), out
@@ -118,17 +122,20 @@ def test_a_checkpoint_with_its_weights_in_dcp_shards_exports(capsys, tmp_path, p
 
 
 def test_gpt2_config_records_our_shape_and_the_tokenizers_end_of_text(capsys, tmp_path):
-    _, out = exported(capsys, tmp_path, random_model(dropout=0.1),
-                      tokenizer={"name": "bpe", "tokenizer_json": "{}", "eot_id": 3})
+    bpe = train_bpe(["hello world, the quick brown fox"] * 20, vocab_size=300).meta()
+    bpe["eot_id"] = 3  # any id: the config records the tokenizer's, not a fixed one
+    _, out = exported(capsys, tmp_path, random_model(dropout=0.1, vocab_size=320), tokenizer=bpe)
     config = json.loads((out / "config.json").read_text())
     assert {k: config[k] for k in ("architectures", "n_layer", "n_head", "n_embd", "n_positions", "vocab_size",
                                    "layer_norm_epsilon", "activation_function", "tie_word_embeddings",
                                    "resid_pdrop", "bos_token_id", "eos_token_id")} == {
         "architectures": ["GPT2LMHeadModel"], "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 32,
-        "vocab_size": 64, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new", "tie_word_embeddings": True,
+        "vocab_size": 320, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new", "tie_word_embeddings": True,
         "resid_pdrop": 0.1, "bos_token_id": 3, "eos_token_id": 3}
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["bos_token_id"] == generation["eos_token_id"] == 3
+    # the embedding is padded past the tokenizer's vocabulary: generation must never pick those ids
+    assert generation["suppress_tokens"] == list(range(from_meta(bpe).vocab_size, 320))
 
 
 def test_llama_config_records_our_shape(capsys, tmp_path):
@@ -145,12 +152,57 @@ def test_llama_config_records_our_shape(capsys, tmp_path):
     assert config["bos_token_id"] is None and config["eos_token_id"] is None  # unknown: no tokenizer recorded
 
 
-@pytest.mark.parametrize("tokenizer, said", [(CHARS, "records the 'char' tokenizer"), (None, "records no tokenizer")])
-def test_the_tokenizer_the_checkpoint_records_is_named(capsys, tmp_path, tokenizer, said):
-    path = save(random_model(), tmp_path / "ckpt.pt", tokenizer)
+SAMPLE = "Hello, world! The quick brown fox's 3 jumps\n\n  naïve café → 日本語 🙂\tend"
+
+
+def test_the_gpt2_tokenizer_and_padded_vocabulary_export_so_hugging_face_generates_as_we_do(capsys, tmp_path):
+    model = random_model(vocab_size=50304)  # GPT-2's 50257 padded to a multiple of 64, as nanoGPT does
+    with torch.no_grad():  # padded rows that would win every argmax unless generation suppresses them
+        model.transformer.wte.weight[50257:] *= 50
+    hf, out = exported(capsys, tmp_path, model, tokenizer={"name": "gpt2"})
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ours = GPT2Tokenizer()
+    assert tokenizer(SAMPLE)["input_ids"] == ours.encode(SAMPLE)
+    assert tokenizer.decode(ours.encode(SAMPLE)) == SAMPLE
+    assert tokenizer.eos_token_id == tokenizer.bos_token_id == 50256
+    prompt = tokenizer("The meaning of life is", return_tensors="pt")
+    their_tokens = hf.generate(**prompt, max_new_tokens=20, do_sample=False)[:, prompt["input_ids"].size(1):]
+    our_tokens = torch.cat(list(generate_tokens(model, prompt["input_ids"], 20, temperature=0,
+                                                vocab_limit=ours.vocab_size)), dim=1)
+    assert torch.equal(our_tokens, their_tokens)
+    assert int(their_tokens.max()) < 50257
+    assert int(torch.cat(list(generate_tokens(model, prompt["input_ids"], 20, temperature=0)), 1).max()) >= 50257
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_char_and_trained_bpe_tokenizers_export_to_the_same_ids(capsys, tmp_path, kind):
+    if kind == "char":
+        meta = {"name": "char", "chars": "".join(sorted(set(SAMPLE)))}
+    else:
+        meta = train_bpe([SAMPLE] * 20, vocab_size=300).meta()
+    ours = from_meta(meta)
+    _, out = exported(capsys, tmp_path, random_model(vocab_size=320), tokenizer=meta)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer(SAMPLE)["input_ids"] == ours.encode(SAMPLE)
+    assert tokenizer.decode(ours.encode(SAMPLE)) == SAMPLE
+    assert len(tokenizer) == ours.vocab_size
+    assert tokenizer.eos_token_id == ours.eot_id  # None for char: it has no end-of-text token
+
+
+def test_a_checkpoint_without_a_tokenizer_says_none_is_written(capsys, tmp_path):
+    path = save(random_model(), tmp_path / "ckpt.pt", None)
+    code, out, err = run(capsys, "--model_path", str(path), "--out", str(tmp_path / "hf"))
+    assert code == 0 and out == f"wrote GPT2LMHeadModel to {tmp_path / 'hf'}\n"
+    assert err.startswith("note: the checkpoint records no tokenizer, so no tokenizer files are written;")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(capsys, tmp_path):
+    path = save(random_model(), tmp_path / "ckpt.pt", {"name": "gpt2"})  # 64 ids for GPT-2's 50257
     code, _, err = run(capsys, "--model_path", str(path), "--out", str(tmp_path / "hf"))
-    assert code == 0
-    assert err == f"note: the checkpoint {said}; tokenizer files are not written yet\n"
+    assert code == 2 and err == ("error: the checkpoint's 'gpt2' tokenizer has 50257 tokens, more than the "
+                                 "model's vocab_size 64\n")
 
 
 @pytest.mark.parametrize("switches, message", [
