@@ -34,6 +34,7 @@ import torch
 from gptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, model_config_from
 from gptrain.config import GPTConfig
 from gptrain.extras import require
+from gptrain.hf import CONV1D_WEIGHTS
 from gptrain.model import GPT, mlp_width
 from gptrain import tokenizer as tokenizers
 from gptrain.tokenizer import ASSETS, GPT2Tokenizer
@@ -110,7 +111,7 @@ def gpt2_weights(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str,
                                               "ln_2.weight", "ln_f.weight")):
             # Hugging Face's GPT-2 always has biases: zeros compute what none do
             weights[name.removesuffix("weight") + "bias"] = tensor.new_zeros(tensor.size(0))
-        weights[name] = tensor.t() if name.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight")) else tensor
+        weights[name] = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
     return weights
 
 

@@ -17,7 +17,8 @@ from gptrain.checkpoint import CheckpointError
 from gptrain.config import GPT2_MODELS, GPTConfig
 from gptrain.extras import require
 
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# the weights Hugging Face's GPT-2 keeps in Conv1D layers, (in, out): transposed both ways, in and out (export.py)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # attention masks that older transformers versions keep as buffers in the state dict; ours is is_causal
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
 
@@ -50,7 +51,7 @@ def load_hf_gpt2(name_or_dir: str, dropout: float = 0.0) -> tuple[GPTConfig, dic
     for name, tensor in hf_model.state_dict().items():
         if name.endswith(_BUFFERS):
             continue
-        state[name] = tensor.t().contiguous() if name.endswith(_CONV1D) else tensor
+        state[name] = tensor.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else tensor
     # our head is tied to wte (one matrix); a state dict without lm_head.weight gets it back by name
     state["lm_head.weight"] = state["transformer.wte.weight"]
     return config, state
