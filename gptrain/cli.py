@@ -11,6 +11,8 @@ SUBCOMMANDS = {
     "generate": ("gptrain.generate", "sample text from a checkpoint"),
     "eval": ("gptrain.evaluate", "loss, perplexity and bits per byte of a checkpoint over a whole split"),
     "export": ("gptrain.export", "write a checkpoint as a Hugging Face GPT-2 or Llama directory"),
+    "harness": ("gptrain.harness", "score a checkpoint on lm-evaluation-harness tasks (exports it to a temporary directory)"),
+    "serve": ("gptrain.serve", "an OpenAI-compatible HTTP API and a playground page for a checkpoint"),
     "launch": ("gptrain.launch", "torchrun, where SIGTERM/SIGUSR1 checkpoints and exits 0: [torchrun args] train.py ..."),
     "plot": ("gptrain.plot", "draw runs' loss curves against tokens seen into a PNG: RUN_DIR [...] -o curves.png"),
 }

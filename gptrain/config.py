@@ -7,24 +7,28 @@ The help text of each setting lives on its field: it feeds `gptrain train --help
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import ValidationError
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+from gptrain.errors import UserError
 
 DEFAULT_YAML = Path(__file__).resolve().parent.parent / "config" / "default.yaml"
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 PARALLELISMS = ("ddp", "fsdp")
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu"),
            "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"), "dtype": DTYPE_NAMES,
-           "parallelism": PARALLELISMS, "backend": ("nccl", "gloo")}
+           "parallelism": PARALLELISMS, "backend": ("nccl", "gloo"), "on_save_error": ("stop", "retry")}
 GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's, from the Hugging Face hub (init_from)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad setting; the message is one line naming every offending key."""
 
 
@@ -73,6 +77,12 @@ class TrainConfig(GPTConfig):
     eval_only: bool = setting(False, "evaluate once and exit")
     log_interval: int = setting(1, "print a metrics line every this many iterations")
     always_save_checkpoint: bool = setting(True, "save at every evaluation, not only when val loss improves")
+    keep_last_n: int = setting(2, "checkpoints kept as out_dir/ckpt-<iter>.pt (ckpt.pt is the newest, ckpt-best.pt "
+                                  "the best by val loss, kept besides)")
+    on_save_error: str = setting("stop", "when a checkpoint cannot be written (disk full, permissions): stop | retry "
+                                         "(go on, and try again at the next evaluation)")
+    max_bad_steps: int = setting(5, "stop after this many steps in a row whose loss or gradient norm is not finite "
+                                    "(each is skipped: no update)")
     # logging
     run_name: Optional[str] = setting(None, "this run's name: its TensorBoard folder log_dir/<run_name> and its W&B name; "
                                       "null = the name of out_dir")
@@ -152,7 +162,7 @@ class TrainConfig(GPTConfig):
             problems.append(f"compile must be true, false or auto (got '{self.compile}')")
         positive = ["block_size", "n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps",
                     "tokens_per_step", "eval_interval", "eval_iters", "log_interval", "max_iters", "lr_decay_iters",
-                    "tokens_per_param"]
+                    "tokens_per_param", "keep_last_n", "max_bad_steps"]
         problems += [f"{name} must be > 0 (got {getattr(self, name)})" for name in positive
                      if isinstance(getattr(self, name), (int, float)) and getattr(self, name) <= 0]
         if (self.tokens_per_step is None) == (self.gradient_accumulation_steps is None):
@@ -191,7 +201,7 @@ class TrainConfig(GPTConfig):
             problems.append(f"dist_timeout_s must be > 0 (got {self.dist_timeout_s})")
         if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
             problems.append(f"device must be auto, cpu, cuda, cuda:N or mps (got '{self.device}')")
-        if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
+        if not 0 < self.learning_rate < math.inf or self.min_lr < 0 or self.min_lr > self.learning_rate:
             problems.append(f"need 0 <= min_lr ({self.min_lr}) <= learning_rate ({self.learning_rate}), learning_rate > 0")
         if isinstance(decay_end := self.lr_decay_iters or self.max_iters, int):  # max_iters=auto: plan_horizon
             problems += _warmup_problems(replace(self, lr_decay_iters=decay_end))
@@ -265,39 +275,78 @@ def _type_name(declared: Any) -> str:
     return names.get(declared) or declared.__name__
 
 
+def _read_yaml(path: str | Path) -> dict:
+    """The settings in a YAML file, its interpolations resolved, as a plain dict; a file that is not YAML,
+    not UTF-8, or not a mapping of settings is one ConfigError naming it (and the line, where it can)."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+        document = yaml.compose(text, Loader=yaml.SafeLoader)  # the shape alone, before OmegaConf reads values
+        if document is None or document.tag == "tag:yaml.org,2002:null":  # empty, only comments, or null
+            return {}
+        if not isinstance(document, yaml.MappingNode):
+            found = "a list" if isinstance(document, yaml.SequenceNode) else f"the single value {document.value!r}"
+            raise ConfigError(f"{path}: expected `key: value` settings at the top level, found {found}")
+        return OmegaConf.to_container(OmegaConf.create(text), resolve=True)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise ConfigError(f"{path}:{mark.line + 1}: not valid YAML: {e.problem or e.context}") from None
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+
+
+def _override(declared: Any, text: str) -> Any:
+    """A `key=value` override's value: YAML (`n_layer=4`, `bias=false`, `vocab_size=null`), except that a text
+    setting takes the text as typed (`run_name=0123` stays '0123', `sample_prompt=ROMEO:` stays 'ROMEO:'; quote it
+    for YAML's escapes). What YAML cannot read stays text, for the type check to name."""
+    if declared in (str, Optional[str]) and not (len(text) > 1 and text[0] == text[-1] and text[0] in "'\""):
+        return None if declared == Optional[str] and text in ("", "~", "null", "Null", "NULL") else text
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
+    except (yaml.YAMLError, OmegaConfBaseException):
+        return text
+
+
 def load_config(args: list[str], default_yaml: Path | None = DEFAULT_YAML) -> TrainConfig:
     """Layer the dataclass defaults, default.yaml, YAML files named in `args`, then `key=value` overrides."""
+    hints = {f.name: _resolved_type(f) for f in fields(TrainConfig)}
     layers = []
     if default_yaml is not None and default_yaml.exists():
-        layers.append((str(default_yaml), OmegaConf.load(default_yaml)))
-    overrides = []
+        layers.append((str(default_yaml), _read_yaml(default_yaml)))
+    overrides = {}
     for arg in args:
         if "=" in arg:
-            overrides.append(arg.removeprefix("--"))
+            key, _, text = arg.removeprefix("--").partition("=")
+            overrides[key] = _override(hints.get(key), text)
         elif arg.endswith((".yaml", ".yml")):
             if not Path(arg).is_file():
                 raise ConfigError(f"config file not found: {arg}")
-            layers.append((arg, OmegaConf.load(arg)))
+            layers.append((arg, _read_yaml(arg)))
         else:
             raise ConfigError(f"expected a .yaml file or key=value, got '{arg}'")
-    layers.append(("command line", OmegaConf.from_dotlist(overrides)))
+    layers.append(("command line", overrides))
 
-    hints = {f.name: _resolved_type(f) for f in fields(TrainConfig)}
     merged = OmegaConf.structured(TrainConfig)
     problems = []
     for source, layer in layers:
         for key, value in layer.items():
             if key not in hints:
                 close = difflib.get_close_matches(str(key), hints, n=1)
-                problems.append(f"unknown key '{key}' in {source}" + (f" (did you mean '{close[0]}'?)" if close else ""))
+                problems.append(f"unknown key {str(key)!r} in {source}" + (f" (did you mean '{close[0]}'?)" if close else ""))
                 continue
             try:
                 merged[key] = _coerce(value, hints[key])
             except ValidationError:
                 problems.append(f"{key} must be {_type_name(hints[key])}, got {value!r} in {source}")
+            except OmegaConfBaseException as e:  # a broken interpolation, such as '${'
+                problems.append(f"{key}: cannot read {value!r} in {source} ({str(e).splitlines()[0]})")
     if problems:
         raise ConfigError("; ".join(problems))
-    config = OmegaConf.to_object(merged)
+    try:
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:  # an interpolation, ${...}, that does not resolve
+        raise ConfigError(f"cannot resolve {getattr(e, 'full_key', 'a setting')}: {str(e).splitlines()[0]}") from None
     config.validate()
     return config
 

@@ -13,10 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gptrain.errors import UserError
 from gptrain.tokenizer import GPT2Tokenizer
 
 
-class DataError(ValueError):
+# without a recorded max_id, the ids are checked on this many blocks of this many tokens, spread over the file
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 64, 1 << 18
+
+
+class DataError(UserError):
     """Missing or unusable prepared data; the message says what to run."""
 
 
@@ -46,13 +51,29 @@ def read_meta(data_dir: str | Path) -> dict:
 
 
 def open_tokens(data_dir: str | Path, split: str, meta: dict) -> np.memmap:
+    """A split's tokens, checked against its metadata: its length, and no id outside the vocabulary (which
+    would index past the embedding: on a GPU, a device-side assert far from its cause)."""
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise DataError(f"{path} not found: run `gptrain prepare --out_dir {data_dir} ...` first")
-    tokens = np.memmap(path, dtype=np.dtype(meta.get("dtype", "uint16")), mode="r")
-    expected = meta.get(split, {}).get("tokens")
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    if path.stat().st_size % dtype.itemsize or not path.stat().st_size:
+        raise DataError(f"{path} holds {path.stat().st_size:,} bytes, not a whole number (> 0) of {dtype} tokens as its "
+                        f"metadata says; prepare it again")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    split_meta = meta.get(split, {})
+    expected = split_meta.get("tokens")
     if expected is not None and len(tokens) != expected:  # truncated, or overwritten by another run
         raise DataError(f"{path} holds {len(tokens):,} tokens but meta.json says {expected:,}; prepare it again")
+    if "vocab_size" not in meta:
+        return tokens
+    largest = split_meta.get("max_id")
+    if largest is None:  # prepared by nanoGPT, or by gptrain before it recorded max_id
+        starts = np.unique(np.linspace(0, max(len(tokens) - SAMPLE_BLOCK, 0), SAMPLE_BLOCKS, dtype=np.int64))
+        largest = max(int(tokens[start:start + SAMPLE_BLOCK].max()) for start in starts)
+    if largest >= meta["vocab_size"]:
+        raise DataError(f"{path} holds token id {largest:,}, outside its vocabulary of {meta['vocab_size']:,}: it was "
+                        f"tokenized with another tokenizer than its metadata names, or is corrupt; prepare it again")
     return tokens
 
 
@@ -72,7 +93,9 @@ class BatchSampler:
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
         if len(tokens) <= block_size:
-            raise DataError(f"{len(tokens)} tokens is too few for block_size {block_size}")
+            where = tokens.filename if isinstance(tokens, np.memmap) else "the data"
+            raise DataError(f"{where} holds {len(tokens):,} tokens, too few for block_size {block_size} (a window is "
+                            f"block_size + 1 tokens); give more text or a smaller block_size")
         self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
         self._offsets = np.arange(block_size + 1)
         self._fd = None

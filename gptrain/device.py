@@ -21,6 +21,8 @@ def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) ->
     """auto: CUDA, else Apple's MPS, else the CPU. Under torchrun each process takes GPU `local_rank`."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps (got '{name}')")
     if name == "cuda" and distributed:
         name = f"cuda:{local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():

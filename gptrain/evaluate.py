@@ -27,6 +27,7 @@ from gptrain.config import DTYPE_NAMES, ConfigError
 from gptrain.data import BatchSampler, DataError, open_tokens, read_meta, to_device
 from gptrain.device import autocast, resolve_device, resolve_dtype
 from gptrain.distributed import DistInfo, sum_across_ranks
+from gptrain.errors import command
 from gptrain.metrics import bits_per_byte
 from gptrain.model import GPT
 
@@ -142,31 +143,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        if args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 1):
-            raise ConfigError("--batch_size and --max_tokens must be >= 1")
-        device = resolve_device(args.device)
-        checkpoint = load_checkpoint(args.model_path, map_location=device)
-        data_dir = args.data_dir or checkpoint.get("config", {}).get("data_dir")
-        if not data_dir:
-            raise CheckpointError(f"{args.model_path} does not record its data_dir; give --data_dir")
-        meta = read_meta(data_dir)
-        check_tokenizer(data_dir, meta, checkpoint)
-        model = GPT(model_config_from(checkpoint, dropout=0.0)).to(device)
-        if meta.get("vocab_size", 0) > model.config.vocab_size:
-            raise DataError(f"{data_dir} has a vocabulary of {meta['vocab_size']:,} tokens, more than the model's "
-                            f"{model.config.vocab_size:,}")
-        load_weights(model, checkpoint, args.model_path)
-        tokens = open_tokens(data_dir, args.split, meta)
-        del checkpoint  # the weights now live in the model
-        loss, count = evaluate_tokens(model, tokens, block_size=model.config.block_size, batch_size=args.batch_size,
-                                      device=device, autocast=autocast(device, resolve_dtype(args.dtype, device)),
-                                      max_tokens=args.max_tokens, progress=True)
-    except (ConfigError, CheckpointError, DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 1):
+        raise ConfigError("--batch_size and --max_tokens must be >= 1")
+    device = resolve_device(args.device)
+    checkpoint = load_checkpoint(args.model_path, map_location=device)
+    data_dir = args.data_dir or checkpoint.get("config", {}).get("data_dir")
+    if not data_dir:
+        raise CheckpointError(f"{args.model_path} does not record its data_dir; give --data_dir")
+    meta = read_meta(data_dir)
+    check_tokenizer(data_dir, meta, checkpoint)
+    model = GPT(model_config_from(checkpoint, dropout=0.0)).to(device)
+    if meta.get("vocab_size", 0) > model.config.vocab_size:
+        raise DataError(f"{data_dir} has a vocabulary of {meta['vocab_size']:,} tokens, more than the model's "
+                        f"{model.config.vocab_size:,}")
+    load_weights(model, checkpoint, args.model_path)
+    tokens = open_tokens(data_dir, args.split, meta)
+    del checkpoint  # the weights now live in the model
+    loss, count = evaluate_tokens(model, tokens, block_size=model.config.block_size, batch_size=args.batch_size,
+                                  device=device, autocast=autocast(device, resolve_dtype(args.dtype, device)),
+                                  max_tokens=args.max_tokens, progress=True)
     bpb = split_bits_per_byte(loss, count, meta.get(args.split, {}))
     if bpb is None:
         print(f"note: {data_dir} records no text_bytes for '{args.split}' (prepared by nanoGPT?), so no bits per "

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from gptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, model_config_from
+from gptrain.checkpoint import load_checkpoint, load_weights, model_config_from
 from gptrain.config import GPTConfig
+from gptrain.errors import UserError, command
 from gptrain.extras import require
 from gptrain.hf import CONV1D_WEIGHTS
 from gptrain.model import GPT, mlp_width
@@ -55,7 +56,7 @@ INIT_ONLY = ("zero_init_proj",)
 SUPPORTED = "export supports GPT-2 (learned positions, layernorm, gelu) and Llama (rope, rmsnorm, swiglu)"
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A model or setting that cannot be exported; the message is one line for the user."""
 
 
@@ -228,19 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        require("transformers", "hf", "gptrain export", error=ExportError)  # before loading a large checkpoint
-        checkpoint = load_checkpoint(args.model_path)
-        config = model_config_from(checkpoint)
-        target(config)  # refuse before building the model
-        model = GPT(config)
-        load_weights(model, checkpoint, args.model_path)
-        architecture = export(model, args.out, checkpoint.get("tokenizer"))
-    except (ExportError, CheckpointError, tokenizers.TokenizerError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    require("transformers", "hf", "gptrain export", error=ExportError)  # before loading a large checkpoint
+    checkpoint = load_checkpoint(args.model_path)
+    config = model_config_from(checkpoint)
+    target(config)  # refuse before building the model
+    model = GPT(config)
+    load_weights(model, checkpoint, args.model_path)
+    architecture = export(model, args.out, checkpoint.get("tokenizer"))
     meta = checkpoint.get("tokenizer")
     if meta:
         print(f"wrote {architecture} and the '{meta['name']}' tokenizer to {args.out}")

@@ -22,6 +22,7 @@ from gptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, m
 from gptrain.config import DTYPE_NAMES, ConfigError
 from gptrain.data import DataError, read_meta
 from gptrain.device import autocast, resolve_device, resolve_dtype
+from gptrain.errors import command
 from gptrain.model import GPT, KVCache
 
 
@@ -33,7 +34,9 @@ def nucleus(logits: torch.Tensor, top_p: float | None) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
-    sorted_logits.masked_fill_(mass_before >= top_p, float("-inf"))
+    outside = mass_before >= top_p
+    outside[..., 0] = False  # the most likely stays, even where a tiny top_p rounds to 0 in this dtype
+    sorted_logits.masked_fill_(outside, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
@@ -210,29 +213,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.max_new_tokens < 0 or args.num_samples < 1:
-        raise ConfigError("--max_new_tokens must be >= 0 and --num_samples >= 1")
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise ConfigError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
-    if args.seed is not None and args.seed < 0:
-        raise ConfigError(f"--seed must be >= 0 (got {args.seed})")
+    """Every bad setting at once, each named with the value given. Each test is written to fail for NaN too
+    (`nan < 0` is false), since argparse turns 'nan' into a float."""
+    problems = []
+    if not args.max_new_tokens >= 0:
+        problems.append(f"--max_new_tokens must be >= 0 (got {args.max_new_tokens})")
+    if not args.num_samples >= 1:
+        problems.append(f"--num_samples must be >= 1 (got {args.num_samples})")
+    if not 0 <= args.temperature < float("inf"):
+        problems.append(f"--temperature must be >= 0 and finite, 0 for greedy (got {args.temperature})")
+    if not args.top_k >= 0:
+        problems.append(f"--top_k must be >= 0, 0 for all tokens (got {args.top_k})")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"need 0 < --top_p <= 1, 1 for all tokens (got {args.top_p})")
+    if args.seed is not None and not args.seed >= 0:
+        problems.append(f"--seed must be >= 0 (got {args.seed})")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        _check_args(args)
-        device = resolve_device(args.device)
-        model, tokenizer = load_model(args.model_path, device, args.meta)
-        prompt = args.prompt
-        if prompt.startswith("FILE:"):
-            prompt = Path(prompt[5:]).read_text(encoding="utf-8")
-        ids = tokenizer.encode(prompt) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
-        if not ids:
-            raise ConfigError("the prompt is empty and the tokenizer has no end-of-text token to start from; give --prompt")
-    except (ConfigError, CheckpointError, tokenizers.TokenizerError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    _check_args(args)
+    prompt = args.prompt
+    if prompt.startswith("FILE:"):  # read before the checkpoint, so that a bad file stops the command at once
+        path = Path(prompt[5:])
+        if not path.is_file():
+            raise ConfigError(f"--prompt FILE:{path}: no such file")
+        try:
+            prompt = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--prompt FILE:{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                              f"{e.start})") from None
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model_path, device, args.meta)
+    ids = tokenizer.encode(prompt) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
+    if not ids:
+        raise ConfigError("the prompt is empty and the tokenizer has no end-of-text token to start from; give --prompt")
     n = args.num_samples
     with autocast(device, resolve_dtype(args.dtype, device)):
         tokens = generate_tokens(

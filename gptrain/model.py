@@ -30,6 +30,10 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * config.n_layer
         self.values: list[torch.Tensor | None] = [None] * config.n_layer
         self.length = 0  # tokens cached; the model advances it after all layers have written
+        # Set where the rows hold different numbers of tokens (a server decoding unrelated requests together,
+        # gptrain.batching): each new token's own position, and which cached keys each row's queries may see.
+        self.positions: torch.Tensor | None = None  # (B, T)
+        self.mask: torch.Tensor | None = None  # (B, 1, T, keys), True where a query may attend
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys and values; return all cached so far, this step's included."""
@@ -86,13 +90,14 @@ class CausalSelfAttention(nn.Module):
         q, k = self.qk_norm(q), self.qk_norm(k)
         if rope is not None:  # rotary positions: the cache then holds keys already rotated
             q, k = rotate(q, rope), rotate(k, rope)
-        causal = True
+        causal, mask = True, None
         if cache is not None:
             causal = cache.length == 0  # one token decoded after the prefill attends to every cached one
             assert causal or T == 1, "after its prefill the cache grows one token at a time"
             k, v = cache.update(layer, k, v)
+            mask = cache.mask
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -202,10 +207,12 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         assert start + T <= self.config.block_size, f"sequence of {start + T} exceeds block_size {self.config.block_size}"
         x, rope = self.transformer.wte(idx), None
+        rows = cache.positions if cache is not None else None  # (B, T) when rows sit at different positions
         if self.rope is None:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device) if rows is None else rows)
         else:
-            rope = self.rope[:, start:start + T]
+            # per-row positions (B, T) give a (2, B, T, d/2) table; the axis added after B spans the heads
+            rope = self.rope[:, start:start + T] if rows is None else self.rope[:, rows].unsqueeze(2)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope=rope, cache=cache, layer=i)

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import yaml  # PyYAML comes with omegaconf
 
+from gptrain.errors import UserError, command
 from gptrain.extras import require
 
 TRAIN_LOSS = ("train/loss", "eval/train_loss")  # the per-step loss; else the evaluated one
 VAL_LOSS, VAL_BPB = "val/loss", "val/bpb"
 
 
-class PlotError(ValueError):
+class PlotError(UserError):
     """A run folder that cannot be plotted; the message is one line for the user."""
 
 
@@ -173,21 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        require("matplotlib", "plot", "gptrain plot", error=PlotError)  # before reading any run
-        runs = {}
-        for run_dir in args.run_dirs:
-            name = Path(run_dir).resolve().name
-            metrics = load_run(run_dir)
-            if not any(key in metrics for key in (*TRAIN_LOSS, VAL_LOSS)):
-                raise PlotError(f"{run_dir}/metrics.jsonl holds no train or val loss")
-            runs[name if name not in runs else run_dir] = metrics  # two folders of one name: the path as given
-        draw(runs, args.out, args.title)
-    except (PlotError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    require("matplotlib", "plot", "gptrain plot", error=PlotError)  # before reading any run
+    runs = {}
+    for run_dir in args.run_dirs:
+        name = Path(run_dir).resolve().name
+        metrics = load_run(run_dir)
+        if not any(key in metrics for key in (*TRAIN_LOSS, VAL_LOSS)):
+            raise PlotError(f"{run_dir}/metrics.jsonl holds no train or val loss")
+        runs[name if name not in runs else run_dir] = metrics  # two folders of one name: the path as given
+    draw(runs, args.out, args.title)
     print(f"wrote {args.out}")
 
 

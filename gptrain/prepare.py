@@ -37,8 +37,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gptrain.errors import UserError, command
 from gptrain.extras import require
-from gptrain.tokenizer import CharTokenizer, Tokenizer, TokenizerError, check_spec, from_meta, get_tokenizer
+from gptrain.tokenizer import CharTokenizer, Tokenizer, check_spec, from_meta, get_tokenizer
 
 CHUNK_CHARS = 4 << 20  # text per worker task: large enough to amortize pickling, small enough for RAM
 PIECE_BYTES = 1 << 20  # a large text file is read and tokenized in pieces of about this size
@@ -51,7 +52,7 @@ CHECKPOINT_SECONDS = 10.0  # how often that record is updated (each time costs a
 Document = Iterable[str]
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """A problem with the user's input or environment; `main` prints it as one line and exits 2."""
 
 
@@ -116,7 +117,8 @@ def _text_pieces(path: Path, start: int = 0, end: int | None = None) -> Iterator
     """Yield bytes [start, end) of a UTF-8 file as text pieces of about PIECE_BYTES.
 
     Pieces are cut after a newline with non-space on both sides: there GPT-2-style pre-tokenizers
-    split anyway, so tokenizing piece by piece gives the same ids as tokenizing the whole file.
+    split anyway, so tokenizing piece by piece gives the same ids as tokenizing the whole file. A file
+    with no such newline (CRLF line ends, one long line) is read whole into one piece.
     """
     end = path.stat().st_size if end is None else end
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -129,20 +131,26 @@ def _text_pieces(path: Path, start: int = 0, end: int | None = None) -> Iterator
             offset += len(block)
             try:
                 text = carry + decoder.decode(block, final=offset >= end)
-            except UnicodeDecodeError:
-                raise PrepareError(f"{path}: invalid UTF-8 in the bytes before offset {offset}") from None
-            cut = len(text) if offset >= end else _safe_cut(text)
+            except UnicodeDecodeError as e:  # e.object is the decoder's held-back bytes plus this block
+                at = offset - len(e.object) + e.start
+                raise PrepareError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {at})") from None
+            cut = len(text) if offset >= end else _safe_cut(text, len(carry) - 1)
             if cut:
                 yield text[:cut]
             carry = text[cut:]
 
 
-def _safe_cut(text: str) -> int:
-    """Index just after the last newline flanked by non-space characters, or 0 if there is none."""
-    i = text.rfind("\n")
-    while i > 0 and (text[i - 1].isspace() or i + 1 == len(text) or text[i + 1].isspace()):
-        i = text.rfind("\n", 0, i)
-    return max(i + 1, 0)
+def _safe_cut(text: str, start: int) -> int:
+    """Index just after the last newline from `start` on flanked by non-space characters, or 0 if none.
+
+    The caller has found the newlines before `start` unsafe already; looking at them again would rescan
+    a text with no safe cut at all (CRLF line ends, one long line) in full for every piece read.
+    """
+    start = max(start, 1)  # a newline at 0 has no known character before it
+    i = text.rfind("\n", start, len(text) - 1)  # nor has one at the end a known character after it
+    while i > 0 and (text[i - 1].isspace() or text[i + 1].isspace()):
+        i = text.rfind("\n", start, i)
+    return i + 1 if i > 0 else 0
 
 
 def _jsonl_documents(path: Path, column: str) -> Iterator[Document]:
@@ -245,6 +253,10 @@ def open_corpus(args: argparse.Namespace) -> Corpus:
         paths = [path]
     else:
         raise PrepareError(f"--input {path}: expected a {', '.join(TEXT_SUFFIXES)} file or a directory")
+    unreadable = [p for p in paths if not os.access(p, os.R_OK)]
+    if unreadable:  # found now, not after hours of tokenizing the files before them
+        more = f" and {len(unreadable) - 1} more" if len(unreadable) > 1 else ""
+        raise PrepareError(f"cannot read {unreadable[0]}{more}: permission denied")
     if any(p.suffix == ".parquet" for p in paths):
         require("pyarrow.parquet", "data", "reading .parquet files", error=PrepareError)
     single = paths[0] if len(paths) == 1 and paths[0].suffix == ".txt" else None
@@ -354,43 +366,60 @@ def _write_atomic(path: Path, write: Callable) -> None:
 class PartialOutput:
     """`train.bin.tmp` and `val.bin.tmp` being appended to, and a progress record to resume from.
 
-    Every CHECKPOINT_SECONDS the .tmp files are fsynced and then the record (chunks done, counts) is
-    replaced atomically, so it never claims data that is not on disk. A later run with the same
-    settings truncates the files to what the record says and carries on from the next chunk.
+    Every CHECKPOINT_SECONDS the .tmp files are fsynced and then the record (settings, chunks done,
+    counts) is replaced atomically, so it never claims data that is not on disk. A later run with the
+    same settings truncates the files to what the record says and carries on from the next chunk; one
+    with other settings starts over, saying which differ. The checksum and the largest id of each split
+    cover the kept part too: they are recomputed from its bytes, which the record need not trust.
     """
 
-    def __init__(self, out_dir: Path, fingerprint: str, itemsize: int):
-        self.out_dir, self.fingerprint, self.itemsize = out_dir, fingerprint, itemsize
+    def __init__(self, out_dir: Path, settings: dict, dtype: str):
+        # Each setting as a short digest: the record stays small, and still names what changed.
+        self.settings = {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16]
+                         for k, v in settings.items()}
+        self.out_dir, self.dtype = out_dir, np.dtype(dtype)
         self.paths = {split: out_dir / f"{split}.bin.tmp" for split in SPLITS}
         state = json.loads((out_dir / PROGRESS).read_text()) if (out_dir / PROGRESS).exists() else {}
-        if state and (state["fingerprint"] != fingerprint or not self._on_disk(state["stats"])):
-            print(f"discarding the partial run in {out_dir}: other settings or missing files", file=sys.stderr)
+        stale = state and self._stale(state)
+        if stale:
+            print(f"discarding the partial run in {out_dir} ({stale}); starting over", file=sys.stderr)
             state = {}
         self.chunks = state.get("chunks", 0)
         self.stats = state.get("stats") or {split: {"tokens": 0, "documents": 0, "text_bytes": 0} for split in SPLITS}
-        self.files, self.digests = {}, {}
+        self.files, self.digests, self.max_ids = {}, {}, {}
         for split, path in self.paths.items():
             f = open(path, "r+b" if self.chunks else "w+b")
-            f.truncate(self.stats[split]["tokens"] * itemsize)
-            self.digests[split] = hashlib.sha256()
-            for block in iter(lambda: f.read(1 << 24), b""):  # the checksum covers the kept part too
-                self.digests[split].update(block)
+            f.truncate(self.stats[split]["tokens"] * self.dtype.itemsize)  # bytes written past the record go
+            self.digests[split], self.max_ids[split] = hashlib.sha256(), -1
+            for block in iter(lambda: f.read(1 << 24), b""):
+                self._count(split, block)
             self.files[split] = f
         if self.chunks:
             print(f"resuming after {self.chunks} chunks already tokenized in {out_dir}", file=sys.stderr)
         self.saved_at = time.monotonic()
 
-    def _on_disk(self, stats: dict) -> bool:
-        return all(
-            path.exists() and path.stat().st_size >= stats[split]["tokens"] * self.itemsize
-            for split, path in self.paths.items()
-        )
+    def _stale(self, state: dict) -> str:
+        """Why a progress record cannot be resumed from, or "" if it can."""
+        recorded = state.get("settings", {})
+        changed = [k for k in self.settings if recorded.get(k) != self.settings[k]]
+        if changed:
+            return f"its {', '.join(changed)} differ"
+        short = [
+            path.name for split, path in self.paths.items()
+            if not path.exists() or path.stat().st_size < state["stats"][split]["tokens"] * self.dtype.itemsize
+        ]
+        return f"{' and '.join(short)} missing or shorter than its record" if short else ""
+
+    def _count(self, split: str, data: bytes) -> None:
+        self.digests[split].update(data)
+        if data:
+            self.max_ids[split] = max(self.max_ids[split], int(np.frombuffer(data, self.dtype).max()))
 
     def append(self, stats: dict, ids: dict[str, np.ndarray]) -> None:
         for split in SPLITS:
             data = ids[split].tobytes()
             self.files[split].write(data)
-            self.digests[split].update(data)
+            self._count(split, data)
         # Counts change only after the bytes are written; an interruption in between leaves
         # extra bytes that the next run truncates away.
         self.stats = {split: {k: v + stats[split][k] for k, v in self.stats[split].items()} for split in SPLITS}
@@ -402,16 +431,26 @@ class PartialOutput:
         for f in self.files.values():
             f.flush()
             os.fsync(f.fileno())
-        record = {"fingerprint": self.fingerprint, "chunks": self.chunks, "stats": self.stats}
+        record = {"settings": self.settings, "chunks": self.chunks, "stats": self.stats}
         _write_atomic(self.out_dir / PROGRESS, lambda f: f.write(json.dumps(record).encode()))
         self.saved_at = time.monotonic()
 
+    def discard(self) -> None:
+        """Close and delete the files and the record: a bad input makes them useless to any rerun."""
+        for split, f in self.files.items():
+            f.close()
+            self.paths[split].unlink(missing_ok=True)
+        (self.out_dir / PROGRESS).unlink(missing_ok=True)
+
     def finish(self) -> dict:
-        """Close the files; return each split's counts and sha256."""
+        """Close the files; return each split's counts, largest token id and sha256."""
         self.checkpoint()
         for f in self.files.values():
             f.close()
-        return {split: {**self.stats[split], "sha256": self.digests[split].hexdigest()} for split in SPLITS}
+        return {
+            split: {**self.stats[split], "max_id": self.max_ids[split], "sha256": self.digests[split].hexdigest()}
+            for split in SPLITS
+        }
 
 
 def default_start_method() -> str:
@@ -443,7 +482,9 @@ def tokenize(
     if start_method == "fork":
         tokenizer.encode("")  # builds its lazy tables (GPT-2's BPE ranks) once, here, for every worker
     context = multiprocessing.get_context(start_method)
-    with tqdm(total=total_docs, initial=done_docs, unit="doc", desc="tokenizing", dynamic_ncols=True) as bar, \
+    # a bar on a terminal only: in a log it is noise, and the lines below say what was written
+    with tqdm(total=total_docs, initial=done_docs, unit="doc", desc="tokenizing", dynamic_ncols=True,
+              disable=not sys.stderr.isatty()) as bar, \
             ProcessPoolExecutor(num_proc, context, _init_worker, (tokenizer.meta(), dtype)) as pool:
         in_flight: deque = deque()  # bounded, so a fast reader cannot pile the corpus up in memory
         for chunk in itertools.islice(chunks, output.chunks, None):
@@ -494,6 +535,7 @@ def _build_tokenizer(args: argparse.Namespace, corpus: Corpus) -> Tokenizer:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    """Every problem with the settings at once, before any corpus is read."""
     problems = []
     if not 0 < args.val_fraction < 1:
         problems.append(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
@@ -501,6 +543,10 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append(f"--num_proc must be at least 1, got {args.num_proc}")
     if args.max_docs is not None and args.max_docs < 1:
         problems.append(f"--max_docs must be at least 1, got {args.max_docs}")
+    if args.tokenizer == "bpe" and args.vocab_size < 257:
+        problems.append(f"--vocab_size must be at least 257 for a byte-level BPE, got {args.vocab_size}")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        problems.append(f"--out_dir {args.out_dir} is a file, not a directory")
     if problems:
         raise PrepareError("; ".join(problems))
 
@@ -510,37 +556,45 @@ def prepare(args: argparse.Namespace) -> dict | None:
     _check_args(args)
     check_spec(args.tokenizer)  # before a hub dataset is downloaded for a tokenizer that cannot run
     out_dir = Path(args.out_dir)
-    if (out_dir / "meta.json").exists() or (out_dir / "meta.pkl").exists():
-        if not args.overwrite:
-            print(f"{out_dir} already holds a finished dataset; pass --overwrite to rebuild it")
-            return None
-        for name in ("meta.json", "meta.pkl"):  # from here on the old files no longer look finished
-            (out_dir / name).unlink(missing_ok=True)
+    # A progress record outlives meta.pkl and meta.json, so a run killed while writing them is unfinished.
+    finished = any((out_dir / name).exists() for name in ("meta.json", "meta.pkl"))
+    if finished and not (out_dir / PROGRESS).exists() and not args.overwrite:
+        print(f"{out_dir} already holds a finished dataset; pass --overwrite to rebuild it")
+        return None
 
     corpus = open_corpus(args)
     tokenizer = _build_tokenizer(args, corpus)
     dtype = _choose_dtype(tokenizer.vocab_size, args.dtype)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_disk(out_dir, corpus, tokenizer, np.dtype(dtype).itemsize, args.max_docs)
+    # Only now that the input and settings have passed: from here on old files no longer look finished.
+    for name in ("meta.json", "meta.pkl"):
+        (out_dir / name).unlink(missing_ok=True)
 
     # Partial output is reusable only by a run that would cut and tokenize the corpus identically.
     settings = {
-        "source": corpus.description, "version": corpus.version, "split": args.split, "config": args.config,
+        "input": corpus.description, "input_files": corpus.version, "split": args.split, "config": args.config,
         "text_column": args.text_column,
         "val_fraction": args.val_fraction, "seed": args.seed, "max_docs": args.max_docs, "dtype": dtype,
         "chunk_chars": CHUNK_CHARS, "piece_bytes": PIECE_BYTES, "tokenizer": tokenizer.meta(),
     }
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    output = PartialOutput(out_dir, fingerprint, np.dtype(dtype).itemsize)
+    output = PartialOutput(out_dir, settings, dtype)
     chunks = _chunks(split_documents(corpus, args.val_fraction, args.seed, args.max_docs))
     total_docs = corpus.num_docs if args.max_docs is None else min(args.max_docs, corpus.num_docs or args.max_docs)
-    tokenize(chunks, tokenizer, dtype, args.num_proc, output, total_docs, args.start_method or default_start_method())
-    totals = output.finish()
-    if totals["train"]["tokens"] + totals["val"]["tokens"] == 0:
-        raise PrepareError(f"{corpus.description} holds no text")
-    for split in SPLITS:
-        if totals[split]["tokens"] == 0:
-            raise PrepareError(f"the {split} split is empty: {corpus.description} has too little text or documents")
+    try:
+        tokenize(chunks, tokenizer, dtype, args.num_proc, output, total_docs, args.start_method or default_start_method())
+        totals = output.finish()
+        if totals["train"]["tokens"] + totals["val"]["tokens"] == 0:
+            raise PrepareError(f"{corpus.description} holds no text")
+        for split in SPLITS:
+            if totals[split]["tokens"] == 0:
+                raise PrepareError(f"the {split} split is empty: {corpus.description} has too little text or documents")
+    except PrepareError:  # the input is at fault (not the disk, whose partial output a rerun resumes): nothing stays
+        output.discard()
+        if created:
+            out_dir.rmdir()
+        raise
 
     meta = {
         "vocab_size": tokenizer.vocab_size,
@@ -571,18 +625,15 @@ def prepare(args: argparse.Namespace) -> dict | None:
     return meta
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         prepare(args)
-    except (PrepareError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        print(f"error: out of disk space in {args.out_dir}; free some and re-run to resume", file=sys.stderr)
-        sys.exit(2)
+        raise PrepareError(f"out of disk space in {args.out_dir}; free some and re-run to resume") from None
 
 
 if __name__ == "__main__":

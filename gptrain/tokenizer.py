@@ -16,6 +16,7 @@ from types import ModuleType
 
 import numpy as np
 
+from gptrain.errors import UserError
 from gptrain.extras import require
 
 ASSETS = Path(__file__).parent / "assets" / "gpt2"
@@ -26,7 +27,7 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 EOT_CANDIDATES = (END_OF_TEXT, "<|end_of_text|>", "</s>", "<eos>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer spec or text the tokenizer cannot handle; the message is meant for the user."""
 
 

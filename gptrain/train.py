@@ -11,15 +11,19 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
 
-from gptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, model_config_from, save_checkpoint
+from gptrain.checkpoint import (
+    CheckpointError, load_checkpoint, load_weights, model_config_from, newest_checkpoint, save_checkpoint,
+)
 from gptrain.config import (
     ConfigError, GPTConfig, TrainConfig, help_text, load_config, plan_batch, plan_horizon, record_yaml,
 )
@@ -29,6 +33,7 @@ from gptrain.distributed import (
     DistInfo, StopRequest, check_parallelism, clip_grad_norm, dist_info, eager, gradient_sync, init_distributed,
     mean_across_ranks, min_across_ranks, parallelize, print0, teardown,
 )
+from gptrain.errors import UserError, command
 from gptrain.evaluate import estimate_loss, split_bits_per_byte
 from gptrain.generate import decode, generate_tokens, sample_generators
 from gptrain.hf import hf_checkpoint, is_hf_gpt2
@@ -39,9 +44,11 @@ from gptrain.tokenizer import from_meta
 
 
 SAMPLE_TOKENS = 100  # the length of the samples printed at evaluations (sample_interval)
+# how a training step went: updated, skipped by float16's gradient scaler, or skipped as not finite
+Outcome = Literal["ok", "overflow", "bad"]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """The run cannot go on (e.g. the loss diverged); the message says where and what to try."""
 
 
@@ -68,6 +75,11 @@ class Run:
     saved_step: int = 0
     best_val_loss: float = float("inf")
     compiled_ok: bool = False  # a training step has run, so torch.compile (if on) has worked
+    skipped_steps: int = 0  # steps whose loss or gradient was not finite, so no update was made
+    bad_in_a_row: int = 0
+    overflow_steps: int = 0  # float16 steps the gradient scaler skipped (normal while it finds its scale)
+    save_pending: bool = False  # a save failed (on_save_error=retry): try again at the next evaluation
+    pending_best: bool = False  # and it held the best val loss so far
     environment: dict = field(default_factory=dict)
 
     @property
@@ -89,18 +101,36 @@ def padded_vocab(vocab_size: int) -> int:
     return padded if padded - vocab_size < vocab_size / 100 else vocab_size
 
 
+# what the weights' shapes or their computation depend on: a fine-tune or a resume keeps the source's
+FIXED_BY_CHECKPOINT = ("vocab_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "rope_theta", "norm", "qk_norm",
+                       "mlp", "tie_embeddings", "logit_softcap")
+
+
 def _model_config(config: TrainConfig, meta: dict, checkpoint: dict | None, info: DistInfo) -> GPTConfig:
-    """The checkpoint's shape when starting from one (only dropout may change, and a fine-tune's block_size
-    may shrink), else the config's."""
+    """The checkpoint's shape when starting from one, else the config's.
+
+    A shape key the config leaves at its default takes the checkpoint's value (said in a note); one set to
+    something else is refused. Only dropout may change, and a fine-tune's block_size (cropped to it)."""
     if checkpoint is None:
         return replace(config.model_config(), vocab_size=config.vocab_size or padded_vocab(meta["vocab_size"]))
     model_config = model_config_from(checkpoint, dropout=config.dropout)
-    if config.init_from != "resume" and config.block_size != model_config.block_size:
+    resume = config.init_from == "resume"
+    default = GPTConfig()
+    differing = [name for name in (*FIXED_BY_CHECKPOINT, "block_size")
+                 if getattr(config, name) != getattr(model_config, name)]
+    set_here = [name for name in differing if getattr(config, name) != getattr(default, name)]
+    changed = [name for name in set_here if name != "block_size" or resume]
+    if changed:
+        source = "the checkpoint in out_dir" if resume else config.init_from
+        raise ConfigError(f"{source} has {', '.join(f'{n}={getattr(model_config, n)}' for n in changed)}, which a "
+                          f"{'resumed' if resume else 'fine-tuned'} model keeps, but the config sets "
+                          f"{', '.join(f'{n}={getattr(config, n)}' for n in changed)}: remove the setting, or train "
+                          f"from scratch")
+    if "block_size" in set_here:
         model_config = _cropped(model_config, checkpoint, config)
-    ignored = [f"{f.name}={getattr(config, f.name)}" for f in fields(GPTConfig)
-               if getattr(config, f.name) not in (getattr(model_config, f.name), None)]
-    if ignored:
-        print0(info, f"note: the checkpoint fixes the model's shape; ignoring {', '.join(ignored)}")
+    kept = [f"{n}={getattr(model_config, n)}" for n in differing if n not in set_here and getattr(config, n) is not None]
+    if kept:
+        print0(info, f"note: the model keeps the checkpoint's {', '.join(kept)} (the config leaves them at their defaults)")
     return model_config
 
 
@@ -136,12 +166,16 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
     meta = read_meta(config.data_dir)
     resume = config.init_from == "resume"
     checkpoint = None
-    if config.init_from != "scratch":
-        path = Path(config.out_dir) / "ckpt.pt" if resume else Path(config.init_from)
-        # on the CPU: each rank copies what it keeps to the device; a Hugging Face GPT-2 comes as a checkpoint
-        # of weights, shape and GPT-2's tokenizer alone
-        checkpoint = (hf_checkpoint(config.init_from, config.dropout) if not resume and is_hf_gpt2(config.init_from)
-                      else load_checkpoint(path))
+    # on the CPU: each rank copies what it keeps to the device
+    if resume:
+        checkpoint, path, skipped = newest_checkpoint(config.out_dir)
+        for reason in skipped:
+            print0(info, f"note: skipped a checkpoint: {reason}")
+    elif is_hf_gpt2(config.init_from):  # a checkpoint of weights, shape and GPT-2's tokenizer alone
+        checkpoint, path = hf_checkpoint(config.init_from, config.dropout), Path(config.init_from)
+    elif config.init_from != "scratch":
+        path = Path(config.init_from)
+        checkpoint = load_checkpoint(path)
     model_config = _model_config(config, meta, checkpoint, info)
     saved_tokenizer = checkpoint.get("tokenizer") if checkpoint else None
     if saved_tokenizer and meta.get("tokenizer") and saved_tokenizer != meta["tokenizer"]:
@@ -185,10 +219,12 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
         stop=StopRequest(info, device),
     )
     if resume:
-        if run.scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run before was not float16
+        if run.scaler.is_enabled() and checkpoint.get("scaler"):  # empty when the run before was not float16
             run.scaler.load_state_dict(checkpoint["scaler"])
         run.step = run.start_step = run.saved_step = checkpoint["iter_num"]  # also the data position
-        run.best_val_loss = checkpoint["best_val_loss"]
+        run.best_val_loss = checkpoint.get("best_val_loss", float("inf"))
+        run.skipped_steps = checkpoint.get("skipped_steps", 0)
+        run.overflow_steps = checkpoint.get("overflow_steps", 0)
 
     if info.is_main:
         run.environment = environment(info.world_size)
@@ -198,6 +234,10 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
     print0(info, _summary(run, len(train_tokens)))
     if checkpoint is not None:
         print0(info, f"{'resuming' if resume else 'fine-tuning'} from {path} (iter {checkpoint.get('iter_num', 0)})")
+    if resume and "model_args" in checkpoint:
+        print0(info, f"note: {path} is nanoGPT's: its weights, AdamW state, iteration and best val loss go on, but "
+                     f"not its data position or random state (nanoGPT draws batches from its own generator); from "
+                     f"here batches and dropout follow seed={config.seed}, as in any gptrain run")
     return run
 
 
@@ -305,8 +345,10 @@ def _trial_step(model: nn.Module, raw_model: nn.Module, size: int, *, block_size
         del reserve
 
 
-def save(run: Run) -> None:
-    """Every rank takes part: FSDP writes one shard per rank; otherwise rank 0 writes."""
+def save(run: Run, best: bool = False, final: bool = False) -> None:
+    """Every rank takes part: FSDP writes one shard per rank; otherwise rank 0 writes. A checkpoint that
+    cannot be written (a full disk, permissions) leaves the earlier ones as they were, and stops the run or,
+    with on_save_error=retry, is tried again at the next evaluation (a `final` one has none: it stops)."""
     run_state = {
         "model_config": asdict(run.raw_model.config),
         "scaler": run.scaler.state_dict(),
@@ -314,19 +356,38 @@ def save(run: Run) -> None:
         "environment": run.environment,
         "iter_num": run.step,  # with the seed, this is the data position too
         "best_val_loss": run.best_val_loss,
+        "skipped_steps": run.skipped_steps,
+        "overflow_steps": run.overflow_steps,
         "tokenizer": run.tokenizer_meta,
         "wandb_id": run.logger.wandb_id,
     }
-    path = Path(run.config.out_dir) / "ckpt.pt"
-    save_checkpoint(path, run_state, model=run.raw_model, optimizers=run.optimizers, info=run.info,
-                    sharded=run.config.parallelism == "fsdp")
-    run.saved_step = run.step
-    print0(run.info, f"saved {path} at iter {run.step}")
+    config, best, error = run.config, best or run.pending_best, None
+    try:
+        path = save_checkpoint(config.out_dir, run_state, model=run.raw_model, optimizers=run.optimizers,
+                               info=run.info, sharded=config.parallelism == "fsdp", keep_last_n=config.keep_last_n,
+                               best=best)
+    except Exception as e:  # every rank must learn of it before any raises, or the others wait for it
+        error = e
+    if min_across_ranks(int(error is None), run.info, run.device) == 1:
+        run.save_pending = run.pending_best = False
+        run.saved_step = run.step
+        print0(run.info, f"saved {path}{' (the best so far: ckpt-best.pt)' if best else ''}")
+        return
+    if error is not None and not isinstance(error, (OSError, CheckpointException)):
+        raise error  # a bug, not the disk: keep its traceback
+    reason = f": {getattr(error, 'strerror', None) or str(error).splitlines()[0]}" if error else " (on another rank)"
+    message = f"cannot write the checkpoint of iter {run.step} to {config.out_dir}{reason}; the earlier ones are untouched"
+    if config.on_save_error == "stop" or final:
+        raise TrainingError(f"{message}; make room (or fix permissions) and continue with init_from=resume"
+                            + ("" if final else ", or set on_save_error=retry"))
+    print0(run.info, f"warning: {message}; trying again at the next evaluation (on_save_error=retry)")
+    run.save_pending, run.pending_best = True, best
 
 
-def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor, Outcome]:
     """One optimizer step over the step's `gradient_accumulation_steps` micro-batches, of which rank r of
-    W takes r, r+W, ...; returns this rank's share of the mean loss and the gradient norm."""
+    W takes r, r+W, ...; returns this rank's share of the mean loss, the gradient norm, and how the step
+    went: ok, overflow (float16's scaler skipped it) or bad (not finite: skipped, no update)."""
     model, info, config = run.model, run.info, run.config
     mine = range(info.rank, config.gradient_accumulation_steps, info.world_size)
     total_loss = torch.zeros((), device=run.device)
@@ -346,11 +407,16 @@ def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
     for optimizer in run.optimizers:
         run.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     grad_norm = clip_grad_norm(run.raw_model, config.grad_clip if config.grad_clip > 0 else float("inf"))
-    for optimizer in run.optimizers:
-        run.scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
-    run.scaler.update()
+    # One sync a step: a non-finite gradient (every rank sees the same, reduced one) must not reach the
+    # optimizers. With float16 the scaler skips such a step itself and lowers its scale: an overflow.
+    finite = bool(torch.isfinite(grad_norm))
+    outcome = "ok" if finite else "overflow" if run.scaler.is_enabled() and run.scaler.get_scale() >= 1 else "bad"
+    if finite or run.scaler.is_enabled():  # the scaler skips a non-finite step itself
+        for optimizer in run.optimizers:
+            run.scaler.step(optimizer)
+        run.scaler.update()
     run.raw_model.zero_grad(set_to_none=True)
-    return total_loss, grad_norm
+    return total_loss, grad_norm, outcome
 
 
 def evaluate(run: Run) -> dict:
@@ -395,21 +461,36 @@ def _guarding_compile(run: Run, step):
         return step(run)
 
 
-def _check_finite(loss: float, run: Run, what: str) -> None:
-    if not math.isfinite(loss):
-        lr = run.config.learning_rate * lr_multiplier(run.step, run.config)
-        raise TrainingError(
-            f"{what} became {loss} at iter {run.step} (lr {lr:.2e}); "
-            f"the last checkpoint is left untouched. Try a lower learning_rate, grad_clip > 0, "
-            f"a longer warmup_iters, or dtype=bfloat16 instead of float16"
-        )
+def _tally(run: Run, outcome: Outcome, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """Tally skipped steps; max_bad_steps bad ones in a row stop the run, its checkpoints as they were."""
+    if outcome == "overflow":
+        run.overflow_steps += 1
+        return
+    run.bad_in_a_row = run.bad_in_a_row + 1 if outcome == "bad" else 0
+    if outcome != "bad":
+        return
+    run.skipped_steps += 1
+    what = f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
+    if run.bad_in_a_row >= run.config.max_bad_steps:
+        _diverged(run, f"the loss or its gradient stayed non-finite for {run.bad_in_a_row} steps in a row "
+                       f"({what}, max_bad_steps={run.config.max_bad_steps})")
+    print0(run.info, f"warning: iter {run.step}: {what}, not finite; step skipped, weights and optimizer state "
+                     f"untouched ({run.bad_in_a_row} in a row, max_bad_steps={run.config.max_bad_steps})")
+
+
+def _diverged(run: Run, what: str) -> None:
+    lr = run.config.learning_rate * lr_multiplier(run.step, run.config)
+    raise TrainingError(
+        f"{what} at iter {run.step} (lr {lr:.2e}); the checkpoints are left untouched. Try a lower learning_rate, "
+        f"grad_clip > 0, a longer warmup_iters, or dtype=bfloat16 instead of float16"
+    )
 
 
 def train(config: TrainConfig) -> list[dict]:
     """Run training to max_iters; returns the latest records that were logged (rank 0)."""
     info = dist_info()
     check_parallelism(config, info)
-    run, finished = None, False
+    run, finished, history = None, False, []
     try:
         run = build(config, info)
         # a bar with the time left, on a terminal only: logs and pipes get the metrics lines alone
@@ -421,8 +502,12 @@ def train(config: TrainConfig) -> list[dict]:
     finally:
         if run is not None:
             run.logger.close()
+            history = list(run.logger.history)
+        # The model's DDP wrapper holds the process group: let it go first, so that the group is not
+        # destroyed under it and then torn down again, waiting on ranks already gone, as it is freed.
+        del run
         teardown(finished)
-    return list(run.logger.history)
+    return history
 
 
 def _loop(run: Run, bar: tqdm) -> None:
@@ -443,31 +528,33 @@ def _loop(run: Run, bar: tqdm) -> None:
             if config.sample_interval and run.step % config.sample_interval == 0:
                 record["sample"] = sample(run)
             run.logger.log(record)
-            _check_finite(record["val/loss"], run, "val loss")
-            if record["val/loss"] < run.best_val_loss or config.always_save_checkpoint:
-                run.best_val_loss = min(run.best_val_loss, record["val/loss"])
-                if run.step > run.start_step:
-                    save(run)
+            if not math.isfinite(record["val/loss"]):
+                _diverged(run, f"val loss became {record['val/loss']}")
+            improved = record["val/loss"] < run.best_val_loss
+            run.best_val_loss = min(run.best_val_loss, record["val/loss"])
+            if (improved or config.always_save_checkpoint or run.save_pending) and run.step > run.start_step:
+                save(run, best=improved, final=run.step >= config.max_iters)
             timer += time.perf_counter() - eval_started  # evaluation is not training time
         if run.step >= config.max_iters or config.eval_only:
             return
         if run.stop.requested():
             if run.step > run.saved_step:
-                save(run)
+                save(run, final=True)
             print0(run.info, f"stopped at iter {run.step} on {run.stop.name}; continue with init_from=resume")
             return
 
         multiplier = lr_multiplier(run.step, config)
         set_lr(run.optimizers, config, multiplier)
         lr = config.learning_rate * multiplier  # the logged one: AdamW's, that of the norms and biases
-        loss, grad_norm = _guarding_compile(run, train_step)
+        loss, grad_norm, outcome = _guarding_compile(run, train_step)
         run.compiled_ok = True
         timed_steps += 1
-        if run.step % config.log_interval == 0:
+        _tally(run, outcome, loss, grad_norm)
+        if run.step % config.log_interval == 0 or outcome != "ok":
             loss = mean_across_ranks(loss, run.info).item()  # a CPU-GPU sync point, so only on log steps
-            _check_finite(loss, run, "training loss")
             record = {"step": run.step, "tokens": run.step * run.tokens_per_step,  # seen before this step's
-                      "train/loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
+                      "train/loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
+                      "skipped_steps": run.skipped_steps, "overflow_steps": run.overflow_steps}
             if run.step > run.start_step:  # the first step pays for compilation and warm-up
                 seconds = (time.perf_counter() - timer) / timed_steps
                 tokens_per_sec = run.tokens_per_step / seconds
@@ -480,17 +567,13 @@ def _loop(run: Run, bar: tqdm) -> None:
         bar.update()
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(args):
         print(__doc__.strip() + "\n\n" + help_text())
         return
-    try:
-        train(load_config(args))
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        if dist_info().is_main:  # every rank meets these alike; one line is enough
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    train(load_config(args))
 
 
 if __name__ == "__main__":

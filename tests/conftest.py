@@ -22,17 +22,23 @@ def char_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def tiny_config(char_data, tmp_path):
-    """Settings for a 2-layer, 32-wide model that trains in about a second on a CPU."""
+def tiny_args(char_data, tmp_path):
+    """The command line of a 2-layer, 32-wide model that trains in about a second on a CPU."""
 
-    def make(*overrides: str):
-        return load_config([
+    def make(*overrides: str) -> list[str]:
+        return [
             f"data_dir={char_data}", f"out_dir={tmp_path / 'out'}", f"log_dir={tmp_path / 'logs'}",
             "n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "gradient_accumulation_steps=1",
             "tokens_per_step=null",
             "learning_rate=3e-3", "min_lr=3e-4", "warmup_iters=5", "max_iters=20", "lr_decay_iters=20",
             "eval_interval=10", "eval_iters=4", "log_interval=1", "device=cpu", "dtype=float32",
             "compile=false", "tensorboard=false", *overrides,
-        ])
+        ]
 
     return make
+
+
+@pytest.fixture
+def tiny_config(tiny_args):
+    """Those settings as a validated config."""
+    return lambda *overrides: load_config(tiny_args(*overrides))

@@ -1,9 +1,15 @@
+import errno
+import multiprocessing
 import os
+import random
+import time
 
 import pytest
 import torch
 
-from gptrain.checkpoint import CheckpointError, clean_state_dict, load_checkpoint, atomic_torch_save
+from gptrain.checkpoint import CheckpointError, clean_state_dict, load_checkpoint, atomic_torch_save, newest_checkpoint
+from gptrain.train import main as train_main
+from gptrain.train import train
 
 
 def test_a_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -51,3 +57,126 @@ def test_checkpoint_gets_the_usual_file_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o644
+
+
+def files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_the_last_n_checkpoints_and_the_best_are_kept(tiny_config, tmp_path):
+    history = train(tiny_config("max_iters=8", "eval_interval=2", "keep_last_n=2"))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("ckpt*.pt")) == ["ckpt-000006.pt", "ckpt-000008.pt", "ckpt-best.pt",
+                                                          "ckpt.pt"]
+    assert (out / "ckpt.pt").samefile(out / "ckpt-000008.pt")  # the newest, at the path nanoGPT users know
+    val = {r["step"]: r["val/loss"] for r in history if "val/loss" in r}
+    best = min((step for step in val if step > 0), key=val.get)
+    assert load_checkpoint(out / "ckpt-best.pt")["iter_num"] == best
+
+
+def test_a_corrupt_checkpoint_is_refused_by_its_checksum(tiny_config, tmp_path):
+    train(tiny_config("max_iters=2", "eval_interval=2"))
+    path = tmp_path / "out" / "ckpt-000002.pt"
+    state = torch.load(path, weights_only=True)
+    state["model"]["transformer.wte.weight"][0, 0] += 1e-3  # one weight changed, the checksum kept
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="is corrupt: its contents do not match the checksum"):
+        load_checkpoint(path)
+
+
+def test_resume_falls_back_past_a_truncated_newest_checkpoint(tiny_config, tmp_path, capsys):
+    whole = train(tiny_config("max_iters=8", "eval_interval=2", f"out_dir={tmp_path / 'whole'}"))
+    train(tiny_config("max_iters=6", "eval_interval=2"))
+    newest = tmp_path / "out" / "ckpt-000006.pt"
+    data = newest.read_bytes()
+    newest.unlink()  # ckpt.pt, its hard link, keeps the bytes; truncate both names' copies
+    newest.write_bytes(data[:len(data) // 2])
+    (tmp_path / "out" / "ckpt.pt").unlink()
+    os.link(newest, tmp_path / "out" / "ckpt.pt")
+    capsys.readouterr()
+    resumed = train(tiny_config("max_iters=8", "eval_interval=2", "init_from=resume"))
+    out = capsys.readouterr().out
+    assert f"note: skipped a checkpoint: cannot load {newest}: not a file torch.save wrote, or one cut short" in out
+    assert f"resuming from {tmp_path / 'out' / 'ckpt-000004.pt'} (iter 4)" in out
+    train_loss = lambda h: {r["step"]: r["train/loss"] for r in h if "train/loss" in r}  # noqa: E731
+    assert train_loss(resumed) == {s: v for s, v in train_loss(whole).items() if s >= 4}
+    assert load_checkpoint(newest)["iter_num"] == 6  # written again, whole, by the resumed run
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 8
+
+
+@pytest.mark.parametrize("policy", ["stop", "retry"])
+def test_a_full_disk_during_a_save_loses_no_earlier_checkpoint(tiny_args, tmp_path, monkeypatch, capsys, policy):
+    save, saves = torch.save, iter(range(100))
+
+    def disk_full_at_the_second_save(obj, f):
+        if next(saves) == 1:
+            f.write(b"the first bytes of a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        save(obj, f)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_the_second_save)
+    args = tiny_args("max_iters=6", "eval_interval=2", f"on_save_error={policy}")
+    out = tmp_path / "out"
+    if policy == "stop":
+        with pytest.raises(SystemExit) as stop:
+            train_main(args)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1
+        assert err.startswith(f"error: cannot write the checkpoint of iter 4 to {out}: No space left on device; "
+                              f"the earlier ones are untouched; make room")
+        assert sorted(p.name for p in out.glob("*ckpt*")) == ["ckpt-000002.pt", "ckpt-best.pt", "ckpt.pt"]
+        assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 2  # and its checksum verifies
+    else:
+        train_main(args)
+        assert (f"warning: cannot write the checkpoint of iter 4 to {out}: No space left on device; the earlier ones "
+                f"are untouched; trying again at the next evaluation") in capsys.readouterr().out
+        assert sorted(p.name for p in out.glob("*ckpt*")) == ["ckpt-000002.pt", "ckpt-000006.pt", "ckpt-best.pt",
+                                                             "ckpt.pt"]
+        assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 6
+
+
+def newest_saved(out_dir) -> int:
+    """The step of the newest numbered checkpoint, -1 if none."""
+    return max((int(p.name[5:11]) for p in out_dir.glob("ckpt-??????.pt")), default=-1)
+
+
+def test_a_run_killed_at_random_moments_ends_as_the_run_never_killed(tiny_args, tmp_path):
+    """SIGKILL at KILLS random moments, a third of them inside a save (while a checkpoint's temporary file
+    exists), resuming after each: a verifiable checkpoint is there after every kill, and the final weights
+    equal the uninterrupted run's bit for bit. The runs are forked from a server that has imported gptrain,
+    so each starts in a fraction of a second; they aim at a max_iters they never reach, and the last one
+    stops a few steps past the progress the killed ones made (the schedule ends at lr_decay_iters, so
+    max_iters changes nothing else)."""
+    kills, common = 21, ("lr_decay_iters=100", "eval_interval=3", "eval_iters=1", "dropout=0.1", "n_embd=128",
+                         "log_interval=100")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["gptrain.train"])
+    out, rng, inside_a_save = tmp_path / "out", random.Random(0), 0
+    for kill in range(kills):
+        resume = "init_from=resume" if (out / "ckpt.pt").exists() else "init_from=scratch"
+        run = context.Process(target=train_main, args=(tiny_args(*common, "max_iters=1000000", resume),))
+        run.start()
+        if kill % 3 == 2:  # at the next save's temporary file
+            while run.is_alive() and not any(out.glob(".ckpt*.tmp")):
+                pass
+            inside_a_save += any(out.glob(".ckpt*.tmp"))
+        else:  # once the run has made a save of its own, at a random moment of the next 0.3 s
+            saved = newest_saved(out)
+            while run.is_alive() and newest_saved(out) == saved:
+                time.sleep(0.001)
+            time.sleep(rng.uniform(0, 0.3))
+        assert run.is_alive()
+        run.kill()
+        run.join()
+        if (out / "ckpt.pt").exists():
+            _, _, skipped = newest_checkpoint(out)
+            assert skipped == []
+    end = load_checkpoint(out / "ckpt.pt")["iter_num"] + 5
+    assert end >= 3 * 14  # each kill but those inside a save came after a save of the run it killed
+    train_main(tiny_args(*common, f"max_iters={end}", "init_from=resume"))
+    train_main(tiny_args(*common, f"max_iters={end}", f"out_dir={tmp_path / 'whole'}"))
+    assert inside_a_save >= 5
+    whole, resumed = load_checkpoint(tmp_path / "whole" / "ckpt.pt"), load_checkpoint(out / "ckpt.pt")
+    assert whole["iter_num"] == resumed["iter_num"] == end
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name

@@ -46,9 +46,32 @@ def test_windows_read_from_the_file_are_those_of_the_tokens_in_memory(tmp_path, 
     assert len(reads) == 5 * 16  # one read per window, none through the memmap
 
 
-def test_too_little_data_for_a_block_is_a_clear_error():
-    with pytest.raises(DataError, match="too few for block_size 64"):
-        BatchSampler(np.arange(10, dtype=np.uint16), 64, 1, seed=0)
+def test_too_little_data_for_a_block_is_a_clear_error(tmp_path):
+    np.arange(64, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    with pytest.raises(DataError, match=f"{tmp_path / 'train.bin'} holds 64 tokens, too few for block_size 64"):
+        BatchSampler(open_tokens(tmp_path, "train", {"dtype": "uint16", "vocab_size": 64}), 64, 1, seed=0)
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["max_id-recorded", "sampled"])
+def test_token_ids_outside_the_vocabulary_are_refused_naming_the_file(tmp_path, recorded):
+    """prepare records each split's largest id; data without it (nanoGPT's) is checked on a sample."""
+    tokens = np.zeros(3_000_000, dtype=np.uint16)
+    tokens[2_999_999] = 65  # the very last token: the sample's blocks reach the end of the file
+    tokens.tofile(tmp_path / "train.bin")
+    meta = {"dtype": "uint16", "vocab_size": 65, "train": {"tokens": len(tokens)}}
+    if recorded:
+        meta["train"]["max_id"] = 65
+    with pytest.raises(DataError, match=f"{tmp_path / 'train.bin'} holds token id 65, outside its vocabulary of 65"):
+        open_tokens(tmp_path, "train", meta)
+    assert len(open_tokens(tmp_path, "train", {**meta, "vocab_size": 66})) == len(tokens)
+
+
+@pytest.mark.parametrize("size, message", [(7, "holds 7 bytes, not a whole number"), (0, "holds 0 bytes"),
+                                           (8, "holds 4 tokens but meta.json says 5")])
+def test_a_bin_file_that_does_not_match_its_metadata_is_refused(tmp_path, size, message):
+    (tmp_path / "val.bin").write_bytes(b"\0" * size)
+    with pytest.raises(DataError, match=message):
+        open_tokens(tmp_path, "val", {"dtype": "uint16", "vocab_size": 65, "val": {"tokens": 5}})
 
 
 def test_meta_pkl_from_nanogpt_is_read_but_never_runs_code(tmp_path):

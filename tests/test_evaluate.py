@@ -39,7 +39,7 @@ def checkpoint(char_data, tmp_path):
     run_state = {"model_config": asdict(model.config), "config": {"data_dir": str(char_data)}, "iter_num": 0,
                  "best_val_loss": 1e9, "tokenizer": meta["tokenizer"]}
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, run_state, model=model, optimizers=[], info=DistInfo(), sharded=False)
+    save_checkpoint(path.parent, run_state, model=model, optimizers=[], info=DistInfo(), sharded=False)
     return path, model
 
 

@@ -36,7 +36,7 @@ def random_model(**switches) -> GPT:
 def save(model: GPT, path, tokenizer: dict | None = CHARS, sharded: bool = False):
     """A checkpoint as training writes it (run state, model config, tokenizer, weights), on one process."""
     run_state = {"model_config": asdict(model.config), "iter_num": 0, "best_val_loss": 1e9, "tokenizer": tokenizer}
-    save_checkpoint(path, run_state, model=model, optimizers=[], info=DistInfo(), sharded=sharded)
+    save_checkpoint(path.parent, run_state, model=model, optimizers=[], info=DistInfo(), sharded=sharded)
     return path
 
 

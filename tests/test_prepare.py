@@ -1,10 +1,13 @@
 import hashlib
 import json
 import multiprocessing
+import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -85,6 +88,194 @@ def test_gpt2_on_shakespeare_counts_tokens_bytes_and_eot(tmp_path, monkeypatch):
     assert meta == pickle.loads((tmp_path / "meta.pkl").read_bytes())
 
 
+# These run before any test that loads torch (streaming a dataset does), so that they fork.
+OUTPUTS = ("train.bin", "val.bin", "meta.json", "meta.pkl")
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    """Whether two output directories hold the same files with the same bytes."""
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir()) == sorted(OUTPUTS)
+    return all((a / name).read_bytes() == (b / name).read_bytes() for name in OUTPUTS)
+
+
+def interrupt(monkeypatch, *argv: str, recorded: int = 3, killed: int = 6) -> None:
+    """Leave a run as a kill would: a progress record after `recorded` chunks, data written up to `killed`
+    chunks, then a torn token and a torn record past that."""
+    monkeypatch.setattr(prepare, "CHECKPOINT_SECONDS", 1e9)  # records only where this function says
+    real_append = prepare.PartialOutput.append
+
+    def append(self, stats, ids):
+        real_append(self, stats, ids)
+        if self.chunks == recorded:
+            self.checkpoint()
+        if self.chunks == killed:
+            for f in self.files.values():
+                f.flush()
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(prepare.PartialOutput, "append", append)
+        with pytest.raises(KeyboardInterrupt):
+            run(*argv)
+    out = Path(argv[argv.index("--out_dir") + 1])
+    for name in ("train.bin.tmp", "val.bin.tmp"):
+        with open(out / name, "ab") as f:
+            f.write(b"\xff\xff\xff")  # above any id: max_id and the bytes show whether it was cut away
+    (out / (prepare.PROGRESS + ".tmp")).write_bytes(b'{"settin')
+
+
+def many_chunks(kind: str, root: Path, monkeypatch) -> Path:
+    """A folder of DOCS or one non-ASCII text file, cut into 15 to 40 chunks."""
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 1_000)
+    monkeypatch.setattr(prepare, "PIECE_BYTES", 700)
+    if kind == "txt_dir":
+        return write_corpus(kind, root)
+    (root / "input.txt").write_text(SHAKESPEARE[:20_000].replace("the ", "thé ") + "".join(DOCS[-1:]))
+    return root / "input.txt"
+
+
+@pytest.mark.parametrize("kind", ["txt_dir", "txt_file"])
+def test_a_run_killed_past_its_progress_record_resumes_to_the_same_bytes(tmp_path, monkeypatch, capsys, kind):
+    argv = ["--input", str(many_chunks(kind, tmp_path, monkeypatch)), "--out_dir"]
+    run(*argv, str(tmp_path / "whole"))
+    interrupt(monkeypatch, *argv, str(tmp_path / "out"))
+    assert not any((tmp_path / "out" / name).exists() for name in OUTPUTS)  # unfinished, and looks it
+    capsys.readouterr()
+    run(*argv, str(tmp_path / "out"), num_proc=2)
+    assert "resuming after 3 chunks" in capsys.readouterr().err
+    assert same_bytes(tmp_path / "out", tmp_path / "whole")
+    meta, train, val = load(tmp_path / "out")
+    assert (meta["train"]["max_id"], meta["val"]["max_id"]) == (train.max(), val.max()) == (50256, 50256)
+
+
+def killed_past_record(proc: subprocess.Popen, out: Path, chunks: int) -> bool:
+    """SIGKILL `proc` if its progress record counts `chunks` or more and .bin.tmp bytes lie past the record."""
+    assert proc.poll() is None, "the run ended before it could be killed"
+    try:
+        record = json.loads((out / prepare.PROGRESS).read_text())
+    except FileNotFoundError:  # not written yet
+        return False
+    if record["chunks"] >= chunks and any(
+        (out / f"{split}.bin.tmp").stat().st_size > 2 * record["stats"][split]["tokens"] for split in ("train", "val")
+    ):
+        proc.kill()
+        return True
+    return False
+
+
+def test_a_run_killed_by_sigkill_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    """Three real SIGKILLs, each while the .bin.tmp files hold bytes past the last progress record."""
+    corpus, out = many_chunks("txt_dir", tmp_path, monkeypatch), tmp_path / "out"  # 40 chunks
+    argv = ["--input", str(corpus), "--num_proc", "2", "--out_dir"]
+    run(*argv, str(tmp_path / "whole"))
+    child = """if True:
+        import sys, time
+        from gptrain import prepare
+        prepare.CHUNK_CHARS, prepare.PIECE_BYTES, prepare.CHECKPOINT_SECONDS = 1_000, 700, 0.1
+        append = prepare.PartialOutput.append
+        def slow_append(self, stats, ids):  # about 0.03 s a chunk, so that a kill lands mid-run
+            append(self, stats, ids)
+            self.files["train"].flush()
+            time.sleep(0.03)
+        prepare.PartialOutput.append = slow_append
+        prepare.main(sys.argv[1:])
+    """
+    resumed = []
+    for kill_after in (2, 10, 20, None):
+        with open(tmp_path / "stderr", "w") as stderr:
+            proc = subprocess.Popen([sys.executable, "-c", child, *argv, str(out)], stderr=stderr)
+        try:
+            while kill_after is not None and not killed_past_record(proc, out, kill_after):
+                time.sleep(0.002)
+            assert proc.wait(timeout=120) == (0 if kill_after is None else -signal.SIGKILL)
+        finally:
+            proc.kill()  # only if a failed assertion left it running
+        resumed += re.findall(r"resuming after (\d+) chunks", (tmp_path / "stderr").read_text())
+    assert len(resumed) == 3 and int(resumed[-1]) >= 20
+    assert same_bytes(out, tmp_path / "whole")
+
+
+@pytest.mark.parametrize("kind", ["txt_dir", "txt_file"])
+def test_one_and_two_workers_write_the_same_bytes(tmp_path, monkeypatch, kind):
+    corpus = many_chunks(kind, tmp_path, monkeypatch)
+    for n in (1, 2):
+        run("--input", str(corpus), "--out_dir", str(tmp_path / f"num_proc{n}"), num_proc=n)
+    assert same_bytes(tmp_path / "num_proc1", tmp_path / "num_proc2")
+    # Both hold the documents in corpus order, each encoded whole, though they spanned many chunks.
+    source = prepare.open_corpus(prepare.build_parser().parse_args(["--input", str(corpus), "--out_dir", "-"]))
+    assert len(list(prepare._chunks(prepare.split_documents(source, 0.1, 2357, None)))) >= 15
+    expected = {"train": [], "val": []}
+    for split, doc in prepare.split_documents(source, 0.1, 2357, None):
+        expected[split] += GPT2.encode("".join(doc)) + [50256]
+    _, train, val = load(tmp_path / "num_proc2")
+    assert train.tobytes() == np.array(expected["train"], np.uint16).tobytes()
+    assert val.tobytes() == np.array(expected["val"], np.uint16).tobytes()
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ("corpus", "its input_files differ"), ("tokenizer", "its tokenizer differ"),
+        ("val_fraction", "its val_fraction differ"), ("lost_file", "val.bin.tmp missing or shorter than its record"),
+    ],
+)
+def test_a_rerun_with_other_settings_starts_over(tmp_path, monkeypatch, capsys, change, why):
+    corpus = many_chunks("txt_dir", tmp_path, monkeypatch)
+    interrupt(monkeypatch, "--input", str(corpus), "--out_dir", str(tmp_path / "out"))
+    argv = {"tokenizer": ["--tokenizer", "char"], "val_fraction": ["--val_fraction", "0.3"]}.get(change, [])
+    if change == "corpus":
+        (corpus / "doc005.txt").write_text("A changed document.\n")
+    if change == "lost_file":
+        (tmp_path / "out" / "val.bin.tmp").unlink()
+    capsys.readouterr()
+    run("--input", str(corpus), *argv, "--out_dir", str(tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert f"discarding the partial run in {tmp_path / 'out'} ({why}); starting over\n" in err
+    assert "resuming" not in err
+    run("--input", str(corpus), *argv, "--out_dir", str(tmp_path / "fresh"))
+    assert same_bytes(tmp_path / "out", tmp_path / "fresh")
+
+
+NON_ASCII = "\n\n  " + "".join(
+    f"{line}\n" for line in [
+        "Café naïve 🙂 — fin.", "Ελληνικά: αβγ δεζ", "日本語のテキストです。", "  indented, then blank:", "",
+        "e\u0301 combining, 👩‍👩‍👧 joined", "trailing space ", "windows\r", "'s 're contractions", "x" * 300,
+    ] * 12
+)
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "bpe", "char"])
+@pytest.mark.parametrize("piece_bytes", [1, 5, 64])
+def test_a_non_ascii_file_read_in_small_pieces_gives_the_ids_of_the_whole_text(
+    tmp_path, monkeypatch, tokenizer, piece_bytes
+):
+    """A single file's first 90% of bytes (moved to a character boundary) is the train text, the rest val;
+    reading it in pieces of a few bytes, splitting every multi-byte character, changes no id."""
+    monkeypatch.setattr(prepare, "PIECE_BYTES", piece_bytes)
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 500)
+    data = NON_ASCII.encode()
+    (tmp_path / "input.txt").write_bytes(data)
+    run("--input", str(tmp_path / "input.txt"), "--tokenizer", tokenizer, "--vocab_size", "300",
+        "--out_dir", str(tmp_path / "out"), num_proc=2)
+    meta, train, val = load(tmp_path / "out")
+    cut = meta["train"]["text_bytes"]
+    assert int(len(data) * 0.9) <= cut < int(len(data) * 0.9) + 4 and cut + meta["val"]["text_bytes"] == len(data)
+    whole = from_meta(meta["tokenizer"])
+    eot = [] if whole.eot_id is None else [whole.eot_id]
+    assert train.tobytes() == np.array(whole.encode(data[:cut].decode()) + eot, meta["dtype"]).tobytes()
+    assert val.tobytes() == np.array(whole.encode(data[cut:].decode()) + eot, meta["dtype"]).tobytes()
+
+
+def test_a_run_killed_while_writing_its_metadata_is_rebuilt(tmp_path):
+    args = ["--input", str(SHAKESPEARE_PATH), "--tokenizer", "char"]
+    run(*args, "--out_dir", str(tmp_path / "whole"))
+    run(*args, "--out_dir", str(tmp_path / "out"))
+    (tmp_path / "out" / "meta.json").unlink()  # killed after meta.pkl, before meta.json and the record's removal
+    (tmp_path / "out" / prepare.PROGRESS).write_text('{"settings": {}, "chunks": 1, "stats": {}}')
+    run(*args, "--out_dir", str(tmp_path / "out"))
+    assert same_bytes(tmp_path / "out", tmp_path / "whole")
+
+
 @pytest.mark.parametrize("kind", ["datasets", "jsonl", "parquet", "txt_dir"])
 def test_every_source_format_gives_the_documents_plus_one_eot_each(tmp_path, kind):
     out = tmp_path / "out"
@@ -145,32 +336,7 @@ def test_large_vocabulary_uses_uint32_and_refuses_uint16(tmp_path, capsys):
     run(*args, "--out_dir", str(tmp_path / "big"))
     meta, train, _ = load(tmp_path / "big")
     assert meta["dtype"] == "uint32" and meta["eot_id"] == 70_001 and train[1] == 69_999
-
-
-def test_interrupted_run_looks_unfinished_then_resumes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(prepare, "CHUNK_CHARS", 2_000)  # many chunks out of a small corpus
-    monkeypatch.setattr(prepare, "CHECKPOINT_SECONDS", 0)  # record progress after every chunk
-    corpus, out = write_corpus("jsonl", tmp_path), tmp_path / "out"
-    real_chunks = prepare._chunks
-
-    def killed_after_four_chunks(docs):
-        for i, chunk in enumerate(real_chunks(docs)):
-            if i == 4:
-                raise KeyboardInterrupt
-            yield chunk
-
-    with monkeypatch.context() as m:
-        m.setattr(prepare, "_chunks", killed_after_four_chunks)
-        with pytest.raises(KeyboardInterrupt):
-            run("--input", str(corpus), "--out_dir", str(out))
-    assert (out / "train.bin.tmp").exists()
-    assert not any((out / name).exists() for name in ("train.bin", "val.bin", "meta.json", "meta.pkl"))
-    run("--input", str(corpus), "--out_dir", str(out))
-    assert re.search(r"resuming after [1-4] chunks", capsys.readouterr().err)
-    meta, train, val = load(out)
-    assert sorted(documents_in(train, 50256) + documents_in(val, 50256)) == sorted(GPT2.encode(d) for d in DOCS)
-    assert meta["train"]["sha256"] == hashlib.sha256((out / "train.bin").read_bytes()).hexdigest()
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "meta.pkl", "train.bin", "val.bin"]
+    assert meta["train"]["max_id"] == meta["val"]["max_id"] == 70_001  # for training's cheap check on vocab_size
 
 
 def test_changed_settings_discard_a_partial_run(tmp_path, capsys):
@@ -198,11 +364,21 @@ def test_finished_output_is_kept_unless_overwrite(tmp_path, capsys):
         (None, ["--input", "{tmp}/nope.txt"], "does not exist"),
         ({"empty/": None}, ["--input", "{tmp}/empty"], "holds no .txt"),
         ({"blank.jsonl": b"\n"}, ["--input", "{tmp}/blank.jsonl"], "holds no text"),
-        ({"bad.txt": b"caf\xe9 au lait\n"}, ["--input", "{tmp}/bad.txt"], "invalid UTF-8"),
+        ({"bad.txt": b"caf\xe9 au lait\n"}, ["--input", "{tmp}/bad.txt"], "not UTF-8 text (byte 0xe9 at offset 3)"),
         ({"bad.jsonl": b'{"text": "caf\xe9"}\n'}, ["--input", "{tmp}/bad.jsonl"], "bad.jsonl:1: not valid UTF-8"),
         ({"a.jsonl": b'{"body": "x"}\n'}, ["--input", "{tmp}/a.jsonl"], "no 'text' field"),
         ({"a.txt": b"hello\n"}, ["--input", "{tmp}/a.txt", "--tokenizer", "gpt5"], "unknown tokenizer 'gpt5'"),
         ({"a.txt": b"hello\n"}, ["--input", "{tmp}/a.txt", "--val_fraction", "1.5"], "--val_fraction must be"),
+        ({"a.csv": b"x\n"}, ["--input", "{tmp}/a.csv"], "a.csv: expected a .txt, .jsonl, .parquet file or a directory"),
+        (
+            {"a.txt": b"hello\n"}, ["--input", "{tmp}/a.txt", "--val_fraction", "0", "--max_docs", "0"],
+            "--val_fraction must be between 0 and 1, got 0.0; --max_docs must be at least 1, got 0",
+        ),
+        (
+            {"a.txt": b"hello\n"}, ["--input", "{tmp}/a.txt", "--tokenizer", "bpe", "--vocab_size", "100"],
+            "--vocab_size must be at least 257 for a byte-level BPE, got 100",
+        ),
+        ({"a.txt": b"hello\n", "out": b""}, ["--input", "{tmp}/a.txt"], "out is a file, not a directory"),
     ],
 )
 def test_bad_input_stops_with_one_line(tmp_path, capsys, setup, argv, message):
@@ -214,6 +390,35 @@ def test_bad_input_stops_with_one_line(tmp_path, capsys, setup, argv, message):
     assert exit.value.code == 2 and "Traceback" not in err
     assert err.endswith("\n") and err.rstrip("\n").split("\n")[-1].startswith("error: ") and message in err
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 4, 1 << 20])
+def test_a_non_utf8_byte_is_named_with_its_offset_in_any_piece(tmp_path, monkeypatch, capsys, piece_bytes):
+    monkeypatch.setattr(prepare, "PIECE_BYTES", piece_bytes)
+    (tmp_path / "bad.txt").write_bytes(b"abc\n" * 10 + "dé".encode() + b"\xc3x\n" + b"more text\n" * 10)
+    with pytest.raises(SystemExit) as exit:
+        run("--input", str(tmp_path / "bad.txt"), "--out_dir", str(tmp_path / "out"))
+    err = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+    assert exit.value.code == 2 and err == f"error: {tmp_path / 'bad.txt'}: not UTF-8 text (byte 0xc3 at offset 43)"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_file_stops_the_run_before_it_starts(tmp_path, capsys):
+    corpus = write_corpus("txt_dir", tmp_path)
+    (corpus / "doc007.txt").chmod(0)
+    with pytest.raises(SystemExit) as exit:
+        run("--input", str(corpus), "--out_dir", str(tmp_path / "out"))
+    assert exit.value.code == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err == f"error: cannot read {corpus / 'doc007.txt'}: permission denied\n"
+
+
+def test_a_failed_overwrite_keeps_the_finished_dataset(tmp_path, capsys):
+    run("--input", str(SHAKESPEARE_PATH), "--tokenizer", "char", "--out_dir", str(tmp_path / "out"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(SystemExit):
+        run("--input", str(tmp_path / "nope.txt"), "--overwrite", "--out_dir", str(tmp_path / "out"))
+    assert "does not exist" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="this platform cannot fork")

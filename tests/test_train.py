@@ -13,6 +13,7 @@ from gptrain.prepare import main as prepare
 from gptrain.distributed import DistInfo
 from gptrain.optim import set_lr
 from gptrain.train import TrainingError, build, find_batch_size, padded_vocab, train
+from gptrain.train import main as train_main
 
 
 def losses(history: list[dict], key: str = "train/loss") -> dict[int, float]:
@@ -66,16 +67,33 @@ def test_a_resumed_run_takes_the_learning_rates_it_is_given(tiny_config, tmp_pat
 def test_resuming_with_another_optimizer_is_a_one_line_error(tiny_config):
     train(tiny_config("max_iters=4"))
     with pytest.raises(CheckpointError, match="was trained with optimizer=adamw; resume with it, or fine-tune from "
-                                              "its weights with init_from=.*ckpt.pt instead of resuming"):
+                                              "its weights with init_from=.*ckpt-000004.pt instead of resuming"):
         train(tiny_config("optimizer=muon", "init_from=resume"))
 
 
-def test_fine_tuning_starts_from_the_checkpoint_weights(tiny_config, tmp_path):
+def test_fine_tuning_starts_from_the_checkpoint_weights(tiny_config, tmp_path, capsys):
     pretrained = train(tiny_config(f"out_dir={tmp_path / 'pre'}"))
+    # n_layer and n_embd at their defaults (12, 768) take the checkpoint's (2, 32)
     finetuned = train(tiny_config(f"init_from={tmp_path / 'pre' / 'ckpt.pt'}", "max_iters=2", "eval_interval=2",
-                                  "n_layer=5", f"out_dir={tmp_path / 'ft'}"))  # n_layer comes from the checkpoint
+                                  "n_layer=12", "n_embd=768", f"out_dir={tmp_path / 'ft'}"))
+    assert "note: the model keeps the checkpoint's n_layer=2, n_embd=32 " in capsys.readouterr().out
+    assert finetuned[0]["step"] == 0
     assert losses(finetuned, "val/loss")[0] == pytest.approx(losses(pretrained, "val/loss")[20], abs=1e-6)
     assert load_checkpoint(tmp_path / "ft" / "ckpt.pt")["model_config"]["n_layer"] == 2
+
+
+@pytest.mark.parametrize("init_from", ["checkpoint", "resume"])
+def test_a_shape_the_checkpoint_fixes_cannot_change(tiny_config, tiny_args, tmp_path, capsys, init_from):
+    train(tiny_config("max_iters=2"))
+    source = f"init_from={tmp_path / 'out' / 'ckpt.pt'}" if init_from == "checkpoint" else "init_from=resume"
+    with pytest.raises(SystemExit) as stop:
+        train_main(tiny_args(source, "n_layer=5", "mlp=swiglu", f"out_dir={tmp_path / 'ft'}"
+                                    if init_from == "checkpoint" else "max_iters=4"))
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: ")
+    assert "has n_layer=2, mlp=gelu, which a" in error and "but the config sets n_layer=5, mlp=swiglu" in error
+    assert not (tmp_path / "ft").exists()
 
 
 def test_every_log_step_lands_in_metrics_jsonl_and_tensorboard(tiny_config, tmp_path):
@@ -138,8 +156,61 @@ def test_mixed_precision_trains(tiny_config, dtype):
 
 
 def test_divergence_stops_with_a_clear_error(tiny_config):
-    with pytest.raises(TrainingError, match=r"training loss became (nan|inf) at iter \d+ .*lower learning_rate"):
-        train(tiny_config("learning_rate=1e6", "min_lr=0", "warmup_iters=0", "grad_clip=0", "max_iters=50"))
+    """A learning rate of 1e6 turns the weights to NaN at the first step; every step after is bad, and
+    max_bad_steps of them in a row stop the run."""
+    with pytest.raises(TrainingError, match=r"stayed non-finite for 3 steps in a row \(loss nan, .*max_bad_steps=3\) "
+                                            r"at iter 3 .*lower learning_rate"):
+        train(tiny_config("learning_rate=1e6", "min_lr=0", "warmup_iters=0", "grad_clip=0", "max_iters=50",
+                          "max_bad_steps=3"))
+
+
+def nan_at(monkeypatch, steps: set[int]) -> None:
+    """Make the training loss NaN at these steps (one forward in training mode a step: no accumulation)."""
+    forward, calls = GPT.forward, iter(range(10**6))
+
+    def poisoned(self, idx, targets=None, **kwargs):
+        logits, loss = forward(self, idx, targets, **kwargs)
+        if self.training and next(calls) in steps:
+            loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+
+
+def test_a_nan_step_is_skipped_and_counted_and_training_goes_on(tiny_config, tmp_path, monkeypatch):
+    nan_at(monkeypatch, {7})
+    history = train(tiny_config("keep_last_n=5"))
+    train_records = {r["step"]: r for r in history if "train/loss" in r}
+    assert math.isnan(train_records[7]["train/loss"]) and train_records[7]["skipped_steps"] == 1
+    assert train_records[19]["skipped_steps"] == 1 and math.isfinite(train_records[19]["train/loss"])
+    val = losses(history, "val/loss")
+    assert val[20] < val[0]
+    for step in (10, 20):
+        saved = load_checkpoint(tmp_path / "out" / f"ckpt-{step:06d}.pt")
+        assert all(torch.isfinite(t).all() for t in saved["model"].values())
+        # the skipped step left the optimizer state alone: AdamW counted one update fewer than steps
+        assert {float(s["step"]) for s in saved["optimizer"]["state"].values()} == {step - 1}
+
+
+def test_float16_overflows_are_counted_apart_and_never_stop_the_run(tiny_config, monkeypatch):
+    """With float16's gradient scaler a non-finite gradient is an overflow: the scaler skips the step and
+    lowers its scale, as it does many times while it finds one, so these are not bad steps."""
+    nan_at(monkeypatch, set(range(3, 9)))
+    history = train(tiny_config("dtype=float16", "max_bad_steps=2", "max_iters=12", "eval_interval=12"))
+    last = [r for r in history if "train/loss" in r][-1]
+    assert last["overflow_steps"] == 6 and last["skipped_steps"] == 0
+    assert math.isfinite(last["train/loss"])
+
+
+def test_max_bad_steps_in_a_row_stop_the_run(tiny_config, tmp_path, monkeypatch):
+    nan_at(monkeypatch, {3, 4, 5, 6})
+    with pytest.raises(TrainingError, match="stayed non-finite for 4 steps in a row"):
+        train(tiny_config("max_bad_steps=4", "eval_interval=2"))
+    # steps 3, 4 and 5 were skipped, so the checkpoints of iter 4 and 6 hold the weights step 2 left
+    at_4, at_6 = (load_checkpoint(tmp_path / "out" / f"ckpt-{step:06d}.pt") for step in (4, 6))
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 6
+    for name, tensor in at_6["model"].items():
+        assert torch.isfinite(tensor).all() and torch.equal(tensor, at_4["model"][name]), name
 
 
 def test_fine_tuning_on_data_with_another_tokenizer_is_refused(tiny_config, tmp_path):

@@ -1,0 +1,30 @@
+"""One kind of user error, printed one way by every command: a problem the user can fix is one line on
+stderr and exit status 2; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable
+
+
+class UserError(ValueError):
+    """A problem the user can fix: a bad setting or request, a missing or wrong file, a foreign checkpoint.
+    The message is one line that names what is wrong and, where it can, what to do instead."""
+
+
+def command(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | None], None]:
+    """A command's entry point: a UserError, or an OSError (a path missing or unreadable, a full disk), ends it
+    with `error: <message>` and status 2, printed once under torchrun (every rank meets such errors alike)."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> None:
+        try:
+            main(argv)
+        except (UserError, OSError) as e:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            sys.exit(2)
+
+    return run
