@@ -3,13 +3,29 @@ import sys
 
 import pytest
 
-from gptrain.cli import main
+from gptrain.cli import SUBCOMMANDS, main
 
 
 def test_no_command_prints_usage_to_stderr_and_fails(capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2 and "commands:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, option", [("prepare", "--tokenizer"), ("generate", "--top_p"),
+                                             ("eval", "--max_tokens"), ("export", "--model_path"),
+                                             ("plot", "RUN_DIR"), ("harness", "--tasks"), ("serve", "--max_batch_size"),
+                                             ("launch", "torchrun")])
+def test_each_command_is_listed_and_dispatched_to_its_help(capsys, command, option):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert f"  {command} " in capsys.readouterr().err
+    try:
+        main([command, "--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    assert option in capsys.readouterr().out
+    assert set(SUBCOMMANDS) == {"prepare", "train", "generate", "eval", "export", "plot", "harness", "serve", "launch"}
 
 
 def test_train_help_lists_every_setting_with_its_help(capsys):

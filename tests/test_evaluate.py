@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from gptrain.checkpoint import save_checkpoint
-from gptrain.cli import main as cli
 from gptrain.config import GPTConfig
 from gptrain.data import read_meta
 from gptrain.distributed import DistInfo
@@ -156,12 +155,3 @@ def test_missing_checkpoint_data_and_split_are_one_line_errors(capsys, checkpoin
     assert code == 2 and err.startswith(f"error: no meta.json in {tmp_path / 'nothing'}") and err.count("\n") == 1
     code, _, err = run(capsys, "--model_path", str(checkpoint[0]), "--max_tokens", "0")
     assert code == 2 and err == "error: --batch_size and --max_tokens must be >= 1\n"
-
-
-def test_the_gptrain_command_lists_and_dispatches_eval(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli(["eval", "--help"])
-    assert e.value.code == 0 and "--max_tokens" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        cli([])
-    assert "eval" in capsys.readouterr().err

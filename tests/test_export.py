@@ -8,7 +8,6 @@ import torch.distributed as dist
 
 from gptrain import export
 from gptrain.checkpoint import save_checkpoint
-from gptrain.cli import main as cli
 from gptrain.config import GPTConfig
 from gptrain.distributed import DistInfo
 from gptrain.generate import generate_tokens
@@ -253,12 +252,3 @@ def test_every_model_setting_is_either_mapped_or_refused():
     """A new GPTConfig switch must say in export.py whether Hugging Face has its equivalent."""
     grouped = {*export.MAPPED, *export.INIT_ONLY, *export.MUST_BE_OFF, *export.TARGETS["GPT-2"]}
     assert grouped == {f.name for f in fields(GPTConfig)}
-
-
-def test_the_gptrain_command_lists_and_dispatches_export(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli(["export", "--help"])
-    assert e.value.code == 0 and "--model_path" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        cli([])
-    assert "export" in capsys.readouterr().err
