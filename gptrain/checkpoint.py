@@ -12,6 +12,7 @@ torch.distributed.checkpoint (DCP) into `ckpt-<iter>.dcp/` beside it, which the 
 covers the run state only; DCP's own metadata guards the shards); DCP reshards on load, so the world size may
 change between runs.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from gptrain.errors import UserError
+from gptrain.errors import UserError, not_utf8
 
 DEFAULT_YAML = Path(__file__).resolve().parent.parent / "config" / "default.yaml"
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
@@ -288,7 +288,7 @@ def _read_yaml(path: str | Path) -> dict:
             raise ConfigError(f"{path}: expected `key: value` settings at the top level, found {found}")
         return OmegaConf.to_container(OmegaConf.create(text), resolve=True)
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+        raise ConfigError(not_utf8(str(path), e)) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise ConfigError(f"{path}:{mark.line + 1}: not valid YAML: {e.problem or e.context}") from None

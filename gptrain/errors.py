@@ -14,6 +14,13 @@ class UserError(ValueError):
     The message is one line that names what is wrong and, where it can, what to do instead."""
 
 
+def not_utf8(where: str, error: UnicodeDecodeError, offset: int | None = None) -> str:
+    """How every command names bytes that are not UTF-8: where, the byte, and its offset in the file (`offset`
+    where the decoder saw only part of it)."""
+    at = error.start if offset is None else offset
+    return f"{where}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {at})"
+
+
 def command(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | None], None]:
     """A command's entry point: a UserError, or an OSError (a path missing or unreadable, a full disk), ends it
     with `error: <message>` and status 2, printed once under torchrun (every rank meets such errors alike)."""

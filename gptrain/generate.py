@@ -22,7 +22,7 @@ from gptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, m
 from gptrain.config import DTYPE_NAMES, ConfigError
 from gptrain.data import DataError, read_meta
 from gptrain.device import autocast, resolve_device, resolve_dtype
-from gptrain.errors import command
+from gptrain.errors import command, not_utf8
 from gptrain.model import GPT, KVCache
 
 
@@ -244,8 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             prompt = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ConfigError(f"--prompt FILE:{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
-                              f"{e.start})") from None
+            raise ConfigError(not_utf8(f"--prompt FILE:{path}", e)) from None
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model_path, device, args.meta)
     ids = tokenizer.encode(prompt) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])

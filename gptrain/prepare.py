@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gptrain.errors import UserError, command
+from gptrain.errors import UserError, command, not_utf8
 from gptrain.extras import require
 from gptrain.tokenizer import CharTokenizer, Tokenizer, check_spec, from_meta, get_tokenizer
 
@@ -132,8 +132,7 @@ def _text_pieces(path: Path, start: int = 0, end: int | None = None) -> Iterator
             try:
                 text = carry + decoder.decode(block, final=offset >= end)
             except UnicodeDecodeError as e:  # e.object is the decoder's held-back bytes plus this block
-                at = offset - len(e.object) + e.start
-                raise PrepareError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {at})") from None
+                raise PrepareError(not_utf8(str(path), e, offset - len(e.object) + e.start)) from None
             cut = len(text) if offset >= end else _safe_cut(text, len(carry) - 1)
             if cut:
                 yield text[:cut]
