@@ -22,6 +22,7 @@ from gptrain.errors import UserError, not_utf8
 DEFAULT_YAML = Path(__file__).resolve().parent.parent / "config" / "default.yaml"
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 PARALLELISMS = ("ddp", "fsdp")
+DEVICES = ("cpu", "cuda", "mps")  # each may take an index, cuda:1
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu"),
            "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"), "dtype": DTYPE_NAMES,
            "parallelism": PARALLELISMS, "backend": ("nccl", "gloo"), "on_save_error": ("stop", "retry")}
@@ -199,7 +200,7 @@ class TrainConfig(GPTConfig):
                             f"{', '.join(GPT2_MODELS)} or a Hugging Face GPT-2 directory (got '{self.init_from}')")
         if self.dist_timeout_s <= 0:
             problems.append(f"dist_timeout_s must be > 0 (got {self.dist_timeout_s})")
-        if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
+        if self.device.split(":")[0] not in ("auto", *DEVICES):
             problems.append(f"device must be auto, cpu, cuda, cuda:N or mps (got '{self.device}')")
         if not 0 < self.learning_rate < math.inf or self.min_lr < 0 or self.min_lr > self.learning_rate:
             problems.append(f"need 0 <= min_lr ({self.min_lr}) <= learning_rate ({self.learning_rate}), learning_rate > 0")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from gptrain.config import ConfigError
+from gptrain.config import DEVICES, ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -21,7 +21,7 @@ def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) ->
     """auto: CUDA, else Apple's MPS, else the CPU. Under torchrun each process takes GPU `local_rank`."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+    if name.split(":")[0] not in DEVICES:
         raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps (got '{name}')")
     if name == "cuda" and distributed:
         name = f"cuda:{local_rank}"
