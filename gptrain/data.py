@@ -65,8 +65,6 @@ def open_tokens(data_dir: str | Path, split: str, meta: dict) -> np.memmap:
     expected = split_meta.get("tokens")
     if expected is not None and len(tokens) != expected:  # truncated, or overwritten by another run
         raise DataError(f"{path} holds {len(tokens):,} tokens but meta.json says {expected:,}; prepare it again")
-    if "vocab_size" not in meta:
-        return tokens
     largest = split_meta.get("max_id")
     if largest is None:  # prepared by nanoGPT, or by gptrain before it recorded max_id
         starts = np.unique(np.linspace(0, max(len(tokens) - SAMPLE_BLOCK, 0), SAMPLE_BLOCKS, dtype=np.int64))

@@ -37,7 +37,8 @@ def test_steps_indices_and_seeds_draw_different_batches():
 def test_windows_read_from_the_file_are_those_of_the_tokens_in_memory(tmp_path, monkeypatch, dtype):
     tokens = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, 80, dtype=dtype)  # windows reach the end
     tokens.tofile(tmp_path / "train.bin")
-    from_file = BatchSampler(open_tokens(tmp_path, "train", {"dtype": np.dtype(dtype).name}), 64, 16, seed=0)
+    from_file = BatchSampler(open_tokens(tmp_path, "train", {"dtype": np.dtype(dtype).name, "vocab_size": 1 << 32}),
+                             64, 16, seed=0)
     in_memory = BatchSampler(tokens, 64, 16, seed=0)
     reads, pread = [], os.pread
     monkeypatch.setattr(os, "pread", lambda fd, n, offset: reads.append(offset) or pread(fd, n, offset))
