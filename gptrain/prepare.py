@@ -555,8 +555,10 @@ def prepare(args: argparse.Namespace) -> dict | None:
     _check_args(args)
     check_spec(args.tokenizer)  # before a hub dataset is downloaded for a tokenizer that cannot run
     out_dir = Path(args.out_dir)
-    # A progress record outlives meta.pkl and meta.json, so a run killed while writing them is unfinished.
-    finished = any((out_dir / name).exists() for name in ("meta.json", "meta.pkl"))
+    # A progress record outlives meta.pkl and meta.json, so a run killed while writing them is unfinished;
+    # so is a dataset whose .bin files were deleted since (training would send the user back here).
+    finished = any((out_dir / name).exists() for name in ("meta.json", "meta.pkl")) and all(
+        (out_dir / f"{split}.bin").exists() for split in SPLITS)
     if finished and not (out_dir / PROGRESS).exists() and not args.overwrite:
         print(f"{out_dir} already holds a finished dataset; pass --overwrite to rebuild it")
         return None

@@ -356,6 +356,10 @@ def test_finished_output_is_kept_unless_overwrite(tmp_path, capsys):
     assert (tmp_path / "train.bin").stat().st_size == 0
     run(*args, "--overwrite")
     assert load(tmp_path)[1].size == int(len(SHAKESPEARE) * 0.9)
+    rebuilt = (tmp_path / "train.bin").read_bytes()
+    (tmp_path / "train.bin").unlink()  # metadata without its data is not finished: rebuilt, not kept
+    run(*args)
+    assert (tmp_path / "train.bin").read_bytes() == rebuilt
 
 
 @pytest.mark.parametrize(
