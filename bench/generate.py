@@ -33,7 +33,7 @@ from side_by_side import ROOT, describe_machine, median, nanogpt_dir, print_tabl
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from gptrain.config import GPTConfig  # noqa: E402
-from gptrain.generate import generate_tokens, sample_generators  # noqa: E402
+from gptrain.sampling import generate_tokens, sample_generators  # noqa: E402
 from gptrain.model import GPT  # noqa: E402
 from gptrain.tokenizer import get_tokenizer  # noqa: E402
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from gptrain.device import autocast
-from gptrain.generate import StreamDecoder, sample_next
 from gptrain.model import GPT, KVCache
+from gptrain.sampling import StreamDecoder, mask_padding, sample_next
 
 
 @dataclass(frozen=True)
@@ -135,22 +135,25 @@ class RowCache(KVCache):
         self.lengths[target] = self.lengths[source]
 
     def begin_step(self, batch: int) -> None:
-        """Positions and mask for one new token in each of the first `batch` rows."""
+        """The mask for one new token in each of the first `batch` rows: each row sees its own tokens only."""
         lengths = self.lengths[:batch]
+        self.batch = batch
         self.span = int(lengths.max()) + 1  # the keys any row reads this step, its new one included
-        self.length = self.span - 1  # what the model checks against block_size
-        self.positions = lengths[:, None]
         self.mask = (torch.arange(self.span, device=lengths.device) <= lengths[:, None])[:, None, None, :]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = k.size(0)
-        rows = torch.arange(batch, device=k.device)
-        self.keys[layer][rows, :, self.lengths[:batch]] = k[:, :, 0]
-        self.values[layer][rows, :, self.lengths[:batch]] = v[:, :, 0]
-        return self.keys[layer][:batch, :, :self.span], self.values[layer][:batch, :, :self.span]
+    def positions(self, new: int, device: torch.device) -> torch.Tensor:
+        """Each row's new token sits at its own row's end: (batch, 1)."""
+        assert new == 1 and self.span <= self.block_size, "after its prefill a row grows one token at a time"
+        return self.lengths[:self.batch, None]
 
-    def end_step(self, batch: int) -> None:
-        self.lengths[:batch] += 1
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        rows = torch.arange(self.batch, device=k.device)
+        self.keys[layer][rows, :, self.lengths[:self.batch]] = k[:, :, 0]
+        self.values[layer][rows, :, self.lengths[:self.batch]] = v[:, :, 0]
+        return self.keys[layer][:self.batch, :, :self.span], self.values[layer][:self.batch, :, :self.span], self.mask, False
+
+    def advance(self, new: int) -> None:
+        self.lengths[:self.batch] += new
 
 
 class Engine:
@@ -245,8 +248,7 @@ class Engine:
         self.cache.begin_step(batch)
         inputs = torch.tensor([request.tokens[-1] for request in self.rows], device=self.device)[:, None]
         logits, _ = self.model(inputs, cache=self.cache)
-        self.cache.end_step(batch)
-        logits = self._limit(logits[:, -1, :])
+        logits = mask_padding(logits[:, -1, :], self.tokenizer.vocab_size)
         tokens = self._sample(logits, self.rows)
         self._drop([i for i, (request, token) in enumerate(zip(self.rows, tokens))
                     if self._accept(request, token, logits[i])])
@@ -257,22 +259,17 @@ class Engine:
         ids = torch.tensor([request.prompt], device=self.device)
         if not request.sampling.echo_logprobs:
             logits, _ = self.model(ids, cache=cache)
-            return cache, self._limit(logits[0, -1]), None
+            return cache, mask_padding(logits[0, -1], self.tokenizer.vocab_size), None
         # targets make the model return every position's logits; the loss that comes with them is not used
         targets = torch.tensor([request.prompt[1:] + [-1]], device=self.device)
         logits, _ = self.model(ids, targets, cache=cache)
-        logits = self._limit(logits[0])
+        logits = mask_padding(logits[0], self.tokenizer.vocab_size)
         logprobs, top = [None], [None]
         for position, token in enumerate(request.prompt[1:]):
             logprob, best = self._logprobs(logits[position], token, request.sampling.logprobs)
             logprobs.append(logprob)
             top.append(best)
         return cache, logits[-1], PromptLogprobs(logprobs, top)
-
-    def _limit(self, logits: torch.Tensor) -> torch.Tensor:
-        """Never sample the embedding's padding past the tokenizer's vocabulary."""
-        logits[..., self.tokenizer.vocab_size:] = float("-inf")
-        return logits
 
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> list[int]:
         """One token per row; rows that share their settings are sampled together, each from its own stream."""

@@ -75,6 +75,34 @@ def open_tokens(data_dir: str | Path, split: str, meta: dict) -> np.memmap:
     return tokens
 
 
+class TokenReader:
+    """Reads tokens from a file `open_tokens` opened with `os.pread`, not through its memmap: pages read
+    through a mapping stay mapped and count in the process's RSS, which over a long run of random windows
+    (or one pass over a large split) climbs towards the size of the file (17 GB for OpenWebText). Pages read
+    with pread only sit in the page cache, shared and reclaimable. The memmap still gives the length and
+    dtype. An array in memory, a view of a memmap, or Windows (no pread) is indexed instead."""
+
+    def __init__(self, tokens: np.ndarray):
+        self.tokens, self._fd = tokens, None
+        # a whole file's mapping, not a view of one
+        if isinstance(tokens, np.memmap) and isinstance(tokens.base, mmap.mmap) and hasattr(os, "pread"):
+            self._fd = os.open(tokens.filename, os.O_RDONLY)
+            weakref.finalize(self, os.close, self._fd)
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """tokens[start:start + count]."""
+        if self._fd is None:
+            return np.asarray(self.tokens[start:start + count])
+        itemsize = self.tokens.itemsize
+        return np.frombuffer(os.pread(self._fd, count * itemsize, self.tokens.offset + start * itemsize), self.tokens.dtype)
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """The windows of `length` tokens at `starts`, one row each."""
+        if self._fd is None:
+            return self.tokens[starts[:, None] + np.arange(length)]
+        return np.stack([self.read(start, length) for start in starts.tolist()])
+
+
 class BatchSampler:
     """Random `block_size` windows from a token file.
 
@@ -82,11 +110,6 @@ class BatchSampler:
     holds sequences index * batch_size onwards, whichever process draws it: a run on any number of
     processes, with any micro-batch, sees the same data, and the step number alone is the data position
     that a checkpoint needs to replay it.
-
-    Windows of a file opened by `open_tokens` are read with `os.pread`, not through its memmap: pages read
-    through a mapping stay mapped and count in the process's RSS, which over a long run of random windows
-    climbs towards the size of the file (17 GB for OpenWebText). Pages read with pread only sit in the
-    page cache, shared and reclaimable. The memmap still gives the length and dtype.
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
@@ -95,12 +118,7 @@ class BatchSampler:
             raise DataError(f"{where} holds {len(tokens):,} tokens, too few for block_size {block_size} (a window is "
                             f"block_size + 1 tokens); give more text or a smaller block_size")
         self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
-        self._offsets = np.arange(block_size + 1)
-        self._fd = None
-        # a whole file's mapping, not a view of one; Windows has no pread and keeps reading through the map
-        if isinstance(tokens, np.memmap) and isinstance(tokens.base, mmap.mmap) and hasattr(os, "pread"):
-            self._fd = os.open(tokens.filename, os.O_RDONLY)
-            weakref.finalize(self, os.close, self._fd)
+        self.reader = TokenReader(tokens)
 
     def batch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets, both (batch_size, block_size) int64 on the CPU."""
@@ -110,17 +128,8 @@ class BatchSampler:
         rng = np.random.default_rng([self.seed, step])
         first = index * self.batch_size
         starts = rng.integers(0, len(self.tokens) - self.block_size, size=first + self.batch_size)[first:]
-        windows = torch.from_numpy(self._read(starts).astype(np.int64))
+        windows = torch.from_numpy(self.reader.windows(starts, self.block_size + 1).astype(np.int64))
         return windows[:, :-1], windows[:, 1:]
-
-    def _read(self, starts: np.ndarray) -> np.ndarray:
-        """The windows of block_size + 1 tokens at `starts`, one row each."""
-        if self._fd is None:  # an array in memory, a view of a memmap, or Windows
-            return self.tokens[starts[:, None] + self._offsets]
-        itemsize, length = self.tokens.itemsize, len(self._offsets)
-        data = b"".join([os.pread(self._fd, length * itemsize, self.tokens.offset + start * itemsize)
-                         for start in starts.tolist()])
-        return np.frombuffer(data, self.tokens.dtype).reshape(len(starts), length)
 
 
 def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:

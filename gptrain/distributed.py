@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,7 +17,7 @@ import torch.nn as nn
 from tqdm import tqdm
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from gptrain.config import ConfigError, TrainConfig
 
@@ -77,17 +78,20 @@ def teardown(finished: bool) -> None:
         dist.destroy_process_group()
 
 
-def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, device: torch.device,
-                dtype: torch.dtype) -> nn.Module:
-    """Compile, then wrap for data parallelism, in that order (torchtitan's). Returns the module the
-    loop calls; the parameters stay those of `model`, so checkpoints and the optimizer use it directly.
+def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, device: torch.device, dtype: torch.dtype, *,
+                fill: Callable[[nn.Module], None]) -> nn.Module:
+    """Turn a model built on the meta device into what the loop calls, in torchtitan's order: shard (FSDP),
+    allocate each rank's part on `device`, `fill` it with weights, then compile and wrap for DDP. Returns
+    the module the loop calls; the parameters stay those of `model`, so checkpoints and the optimizer use
+    it directly. Nothing is ever allocated whole on one rank but by `fill`, one parameter at a time.
 
     ddp: a full copy on every process; gradients are all-reduced.
     fsdp: each block, then the rest (embeddings, head), is sharded over the processes (FSDP2);
     a block's full weights exist only while it runs. Its precision policy replaces autocast:
     weights are gathered in `dtype`, gradients reduced in float32.
     """
-    if config.parallelism == "fsdp":
+    fsdp = config.parallelism == "fsdp"
+    if fsdp:
         mesh = init_device_mesh(device.type, (info.world_size,))
         policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
                                       reduce_dtype=torch.float32)
@@ -95,10 +99,22 @@ def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, device: t
             if config.compile:
                 block.compile()  # in place, per block: parameter names keep no _orig_mod. prefix
             fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)  # also moves each rank's shards to `device`
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.to_empty(device=device)
+    fill(model)
+    if fsdp:
         return model
-    model = model.to(device)
     return _ddp(torch.compile(model) if config.compile else model, info, device)
+
+
+def place_whole(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter; a sharded one (FSDP) keeps only its own slice of it, cut
+    locally (every rank holds the same whole value), so the weights do not depend on the world size."""
+    value = value.to(param.device)
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        param = param.to_local()
+    param.copy_(value)
 
 
 def _ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:

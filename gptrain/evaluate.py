@@ -22,14 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, model_config_from
+from gptrain.checkpoint import Checkpoint, CheckpointError, load_model
 from gptrain.config import DTYPE_NAMES, ConfigError
-from gptrain.data import BatchSampler, DataError, open_tokens, read_meta, to_device
+from gptrain.data import BatchSampler, DataError, TokenReader, open_tokens, read_meta, to_device
 from gptrain.device import autocast, resolve_device, resolve_dtype
 from gptrain.distributed import DistInfo, sum_across_ranks
 from gptrain.errors import command
 from gptrain.metrics import bits_per_byte
-from gptrain.model import GPT
 
 
 @torch.no_grad()
@@ -71,6 +70,7 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, *, block_size: int, ba
     if predicted < 1:
         raise DataError(f"nothing to evaluate: {len(tokens)} tokens, max_tokens {max_tokens}")
     starts = range(0, predicted, block_size)
+    reader = TokenReader(tokens)  # pread: a pass over a large split leaves no pages mapped in the process
     was_training = model.training
     model.eval()
     total = 0.0
@@ -78,11 +78,13 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, *, block_size: int, ba
     for first in range(0, len(starts), batch_size):
         batch = starts[first:first + batch_size]
         width = min(block_size, predicted - batch[0])  # only the last window can be shorter
+        # the batch's windows are consecutive: one read covers them all, each window's last token included
+        span = torch.from_numpy(reader.read(batch[0], min(batch[-1] + block_size, predicted) + 1 - batch[0]).astype(np.int64))
         x = torch.zeros(len(batch), width, dtype=torch.long)
         y = torch.full((len(batch), width), -1, dtype=torch.long)
         for row, start in enumerate(batch):
             n = min(block_size, predicted - start)
-            window = torch.from_numpy(np.asarray(tokens[start:start + n + 1], dtype=np.int64))
+            window = span[start - batch[0]:start - batch[0] + n + 1]
             x[row, :n], y[row, :n] = window[:-1], window[1:]
         counted = int((y >= 0).sum())
         x, y = x.to(device), y.to(device)
@@ -118,10 +120,10 @@ def _describe(tokenizer: dict) -> str:
     return f"'char' ({len(tokenizer.get('chars', ''))} characters)" if name == "char" else f"'{name}'"
 
 
-def check_tokenizer(data_dir: str | Path, meta: dict, checkpoint: dict) -> None:
+def check_tokenizer(data_dir: str | Path, meta: dict, checkpoint: Checkpoint) -> None:
     """DataError when the data was tokenized otherwise than the model was trained: its losses would be
     of a model reading the wrong ids. Skipped when either side records no tokenizer."""
-    data, model = meta.get("tokenizer"), checkpoint.get("tokenizer")
+    data, model = meta.get("tokenizer"), checkpoint.record.tokenizer
     if data and model and data != model:
         theirs, ours = _describe(data), _describe(model)
         if theirs == ours:
@@ -149,19 +151,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 1):
         raise ConfigError("--batch_size and --max_tokens must be >= 1")
     device = resolve_device(args.device)
-    checkpoint = load_checkpoint(args.model_path, map_location=device)
-    data_dir = args.data_dir or checkpoint.get("config", {}).get("data_dir")
+    model, checkpoint = load_model(args.model_path, device=device)
+    data_dir = args.data_dir or checkpoint.record.config.get("data_dir")
     if not data_dir:
         raise CheckpointError(f"{args.model_path} does not record its data_dir; give --data_dir")
     meta = read_meta(data_dir)
     check_tokenizer(data_dir, meta, checkpoint)
-    model = GPT(model_config_from(checkpoint, dropout=0.0)).to(device)
     if meta.get("vocab_size", 0) > model.config.vocab_size:
         raise DataError(f"{data_dir} has a vocabulary of {meta['vocab_size']:,} tokens, more than the model's "
                         f"{model.config.vocab_size:,}")
-    load_weights(model, checkpoint, args.model_path)
     tokens = open_tokens(data_dir, args.split, meta)
-    del checkpoint  # the weights now live in the model
     loss, count = evaluate_tokens(model, tokens, block_size=model.config.block_size, batch_size=args.batch_size,
                                   device=device, autocast=autocast(device, resolve_dtype(args.dtype, device)),
                                   max_tokens=args.max_tokens, progress=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from gptrain.checkpoint import load_checkpoint, load_weights, model_config_from
+from gptrain.checkpoint import load_model
 from gptrain.config import GPTConfig
 from gptrain.errors import UserError, command
 from gptrain.extras import require
@@ -233,13 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     require("transformers", "hf", "gptrain export", error=ExportError)  # before loading a large checkpoint
-    checkpoint = load_checkpoint(args.model_path)
-    config = model_config_from(checkpoint)
-    target(config)  # refuse before building the model
-    model = GPT(config)
-    load_weights(model, checkpoint, args.model_path)
-    architecture = export(model, args.out, checkpoint.get("tokenizer"))
-    meta = checkpoint.get("tokenizer")
+    model, checkpoint = load_model(args.model_path, device=torch.device("cpu"))
+    meta = checkpoint.record.tokenizer
+    architecture = export(model, args.out, meta)
     if meta:
         print(f"wrote {architecture} and the '{meta['name']}' tokenizer to {args.out}")
     else:

@@ -22,12 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gptrain.checkpoint import load_checkpoint, load_weights, model_config_from
+import torch
+
+from gptrain.checkpoint import load_model
 from gptrain.device import resolve_device
 from gptrain.errors import UserError, command
 from gptrain.export import export, target
 from gptrain.extras import require
-from gptrain.model import GPT
 
 
 class HarnessError(UserError):
@@ -125,10 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     for module in ("lm_eval.tasks", "lm_eval.utils", "accelerate", "transformers"):  # hf models need the last two
         require(module, "eval", "gptrain harness", error=HarnessError)
     device = resolve_device(args.device)
-    checkpoint = load_checkpoint(args.model_path)
-    config = model_config_from(checkpoint)
-    target(config)  # refuse a model export cannot write before building it
-    meta = checkpoint.get("tokenizer")
+    model, checkpoint = load_model(args.model_path, device=torch.device("cpu"))  # lm-eval loads its own copy
+    target(model.config)  # refuse a model export cannot write before reading the tasks
+    meta = checkpoint.record.tokenizer
     if not meta:
         raise HarnessError(f"{args.model_path} records no tokenizer, which lm-eval needs to turn task text into ids")
     manager = lm_eval.tasks.TaskManager(include_path=args.include_path)  # reads every task's YAML: seconds
@@ -136,9 +136,6 @@ def main(argv: list[str] | None = None) -> None:
     if meta["name"] == "char" and "generate_until" in output_types(lm_eval, names, manager).values():
         raise HarnessError("generation tasks need an end-of-text token to stop at, which a char tokenizer has "
                            "not; a char checkpoint can be scored on loglikelihood and multiple-choice tasks")
-    model = GPT(config)
-    load_weights(model, checkpoint, args.model_path)
-    del checkpoint  # the weights now live in the model
     seeds = {} if args.seed is None else {f"{kind}_seed": args.seed for kind in
                                          ("random", "numpy_random", "torch_random", "fewshot_random")}
     with tempfile.TemporaryDirectory(prefix="gptrain-harness-") as hf_dir:

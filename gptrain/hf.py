@@ -8,12 +8,11 @@ Conv1D layers store their matrices (in, out), transposed from our nn.Linear's (o
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from gptrain.checkpoint import CheckpointError
+from gptrain.checkpoint import Checkpoint, CheckpointError, RunRecord
 from gptrain.config import GPT2_MODELS, GPTConfig
 from gptrain.extras import require
 
@@ -57,10 +56,11 @@ def load_hf_gpt2(name_or_dir: str, dropout: float = 0.0) -> tuple[GPTConfig, dic
     return config, state
 
 
-def hf_checkpoint(name_or_dir: str, dropout: float = 0.0) -> dict:
-    """A Hugging Face GPT-2 as the fine-tuning part of a checkpoint: weights, shape and GPT-2's tokenizer."""
+def hf_checkpoint(name_or_dir: str, dropout: float = 0.0) -> Checkpoint:
+    """A Hugging Face GPT-2 as a checkpoint to fine-tune from: weights, shape and GPT-2's tokenizer."""
     config, state = load_hf_gpt2(name_or_dir, dropout)
-    return {"model": state, "model_config": asdict(config), "tokenizer": {"name": "gpt2"}, "iter_num": 0}
+    return Checkpoint(path=Path(name_or_dir), model_config=config, record=RunRecord(tokenizer={"name": "gpt2"}),
+                      origin="Hugging Face", tensors={"model": state})
 
 
 def _check_supported(hf_config, name: str) -> None:

@@ -36,8 +36,9 @@ from gptrain.config import DTYPE_NAMES
 from gptrain.device import resolve_device, resolve_dtype
 from gptrain.errors import UserError, command
 from gptrain.extras import require
-from gptrain.generate import load_model, sample_generators
+from gptrain.checkpoint import checkpoint_tokenizer, load_model
 from gptrain.model import GPT
+from gptrain.sampling import sample_generators
 from gptrain.tokenizer import TokenizerError
 
 try:  # the `serve` extra; without it `gptrain serve --help` still works, and main() names the pip install
@@ -427,7 +428,8 @@ def main(argv: list[str] | None = None) -> None:
     require("starlette", "serve", "gptrain serve", error=ServeError)  # before the checkpoint takes time to load
     uvicorn = require("uvicorn", "serve", "gptrain serve", error=ServeError)
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model_path, device, args.meta)
+    model, checkpoint = load_model(args.model_path, device=device)
+    tokenizer = checkpoint_tokenizer(checkpoint, args.meta)
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it",

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from gptrain.config import GPTConfig
-from gptrain.generate import load_model
+from gptrain.checkpoint import checkpoint_tokenizer, load_model
 from gptrain.model import GPT
 from gptrain.serve import create_app, model_info
 from gptrain.tokenizer import CharTokenizer
@@ -43,7 +43,8 @@ def running_server(checkpoint: Path, **options):
     """Serve `checkpoint` with uvicorn on a free port in a background thread; yield (base URL, app)."""
     import uvicorn  # the serve extra: the test modules skip without it
 
-    model, tokenizer = load_model(checkpoint, CPU)
+    model, source = load_model(checkpoint, device=CPU)
+    tokenizer = checkpoint_tokenizer(source)
     app = create_app(model, tokenizer, model_info(model, tokenizer, checkpoint), device=CPU, **options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -2,30 +2,40 @@ import errno
 import multiprocessing
 import os
 import random
+import signal
 import time
 
 import pytest
 import torch
 
-from gptrain.checkpoint import CheckpointError, clean_state_dict, load_checkpoint, atomic_torch_save, newest_checkpoint
+from gptrain.checkpoint import (
+    CheckpointError, Progress, clean_state_dict, load_checkpoint, newest_checkpoint, save_checkpoint,
+)
+from gptrain.config import GPTConfig
+from gptrain.model import GPT
+from gptrain import train as trainer
 from gptrain.train import main as train_main
 from gptrain.train import train
 
 
 def test_a_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    atomic_torch_save({"model": {"w": torch.ones(3)}, "iter_num": 1}, path)
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=8))
+    save_checkpoint(tmp_path, model=model, progress=Progress(step=1))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
     def crash(obj, f):
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt  # e.g. Ctrl-C or a pre-emption signal in the middle of torch.save
 
     monkeypatch.setattr(torch, "save", crash)
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()
     with pytest.raises(KeyboardInterrupt):
-        atomic_torch_save({"model": {"w": torch.zeros(3)}, "iter_num": 2}, path)
-    state = load_checkpoint(path)
-    assert state["iter_num"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+        save_checkpoint(tmp_path, model=model, progress=Progress(step=2))
+    checkpoint = load_checkpoint(tmp_path / "ckpt.pt")
+    assert checkpoint.progress.step == 1
+    assert all(torch.equal(checkpoint.tensors["model"][name], tensor) for name, tensor in before.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000001.pt", "ckpt.pt"]  # no temporary file left
 
 
 def test_compile_and_ddp_prefixes_are_stripped():
@@ -50,38 +60,19 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
 
 
-def test_checkpoint_gets_the_usual_file_permissions(tmp_path):
-    old = os.umask(0o022)
-    try:
-        atomic_torch_save({"model": {}}, tmp_path / "ckpt.pt")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o644
-
-
-def files(folder) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def test_the_last_n_checkpoints_and_the_best_are_kept(tiny_config, tmp_path):
-    history = train(tiny_config("max_iters=8", "eval_interval=2", "keep_last_n=2"))
-    out = tmp_path / "out"
-    assert sorted(p.name for p in out.glob("ckpt*.pt")) == ["ckpt-000006.pt", "ckpt-000008.pt", "ckpt-best.pt",
-                                                          "ckpt.pt"]
-    assert (out / "ckpt.pt").samefile(out / "ckpt-000008.pt")  # the newest, at the path nanoGPT users know
-    val = {r["step"]: r["val/loss"] for r in history if "val/loss" in r}
-    best = min((step for step in val if step > 0), key=val.get)
-    assert load_checkpoint(out / "ckpt-best.pt")["iter_num"] == best
-
-
 def test_a_corrupt_checkpoint_is_refused_by_its_checksum(tiny_config, tmp_path):
     train(tiny_config("max_iters=2", "eval_interval=2"))
     path = tmp_path / "out" / "ckpt-000002.pt"
     state = torch.load(path, weights_only=True)
     state["model"]["transformer.wte.weight"][0, 0] += 1e-3  # one weight changed, the checksum kept
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match="is corrupt: its contents do not match the checksum"):
+    with pytest.raises(CheckpointError, match="does not match the checksum saved with it: it is corrupt, or was "
+                                              "changed after it was written. If you edited it on purpose, delete its "
+                                              "'checksum' entry"):
         load_checkpoint(path)
+    del state["checksum"]  # edited on purpose, as the message says: it then loads, unverified
+    torch.save(state, path)
+    assert load_checkpoint(path).tensors["model"]["transformer.wte.weight"][0, 0] == state["model"]["transformer.wte.weight"][0, 0]
 
 
 def test_resume_falls_back_past_a_truncated_newest_checkpoint(tiny_config, tmp_path, capsys):
@@ -100,39 +91,65 @@ def test_resume_falls_back_past_a_truncated_newest_checkpoint(tiny_config, tmp_p
     assert f"resuming from {tmp_path / 'out' / 'ckpt-000004.pt'} (iter 4)" in out
     train_loss = lambda h: {r["step"]: r["train/loss"] for r in h if "train/loss" in r}  # noqa: E731
     assert train_loss(resumed) == {s: v for s, v in train_loss(whole).items() if s >= 4}
-    assert load_checkpoint(newest)["iter_num"] == 6  # written again, whole, by the resumed run
-    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 8
+    assert load_checkpoint(newest).progress.step == 6  # written again, whole, by the resumed run
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt").progress.step == 8
 
 
-@pytest.mark.parametrize("policy", ["stop", "retry"])
-def test_a_full_disk_during_a_save_loses_no_earlier_checkpoint(tiny_args, tmp_path, monkeypatch, capsys, policy):
+FULL, DENIED = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+
+@pytest.mark.parametrize("error, policy, failing, signal_after", [
+    (FULL, "stop", 1, None),  # the save at iter 4 fails: the run stops, ckpt-000002 stays
+    (DENIED, "stop", 1, None),  # no permission: the same (root bypasses file modes, so the error is injected)
+    (FULL, "retry", 2, None),  # the last save has no next evaluation to retry at: it stops either way
+    (FULL, "retry", 1, 2),  # a stop signal during step 2: the save it asks for stops the run either way
+], ids=["full-stop", "denied-stop", "full-retry-final", "full-retry-signal"])
+def test_a_save_that_fails_stops_the_run_and_loses_no_earlier_checkpoint(tiny_args, tmp_path, monkeypatch, capsys,
+                                                                           error, policy, failing, signal_after):
+    save, saves, step_once = torch.save, iter(range(100)), trainer.train_step
+
+    def failing_save(obj, f):
+        if next(saves) == failing:
+            f.write(b"the first bytes of a checkpoint")
+            raise error
+        save(obj, f)
+
+    def signalled_step(run):
+        if run.state.progress.step == signal_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_once(run)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(trainer, "train_step", signalled_step)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        train_main(tiny_args("max_iters=6", "eval_interval=2", f"on_save_error={policy}"))
+    err = capsys.readouterr().err
+    step = 3 if signal_after is not None else 2 * (failing + 1)
+    assert stop.value.code == 1 and err.count("\n") == 1  # a failure at run time, in one line
+    assert err.startswith(f"error: cannot write the checkpoint of iter {step} to {out}: {error.strerror}; the earlier "
+                          f"ones are untouched; make room (or fix permissions) and continue with init_from=resume")
+    assert err.endswith(", or set on_save_error=retry\n") == (policy == "stop" and step < 6)
+    kept = sorted(int(p.name[5:11]) for p in out.glob("ckpt-??????.pt"))
+    assert kept == [2 * n for n in range(1, failing + 1)] and load_checkpoint(out / "ckpt.pt").progress.step == kept[-1]
+
+
+def test_with_retry_a_failed_save_is_tried_again_at_the_next_evaluation(tiny_args, tmp_path, monkeypatch, capsys):
     save, saves = torch.save, iter(range(100))
 
     def disk_full_at_the_second_save(obj, f):
         if next(saves) == 1:
             f.write(b"the first bytes of a checkpoint")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise FULL
         save(obj, f)
 
     monkeypatch.setattr(torch, "save", disk_full_at_the_second_save)
-    args = tiny_args("max_iters=6", "eval_interval=2", f"on_save_error={policy}")
     out = tmp_path / "out"
-    if policy == "stop":
-        with pytest.raises(SystemExit) as stop:
-            train_main(args)
-        err = capsys.readouterr().err
-        assert stop.value.code == 2 and err.count("\n") == 1
-        assert err.startswith(f"error: cannot write the checkpoint of iter 4 to {out}: No space left on device; "
-                              f"the earlier ones are untouched; make room")
-        assert sorted(p.name for p in out.glob("*ckpt*")) == ["ckpt-000002.pt", "ckpt-best.pt", "ckpt.pt"]
-        assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 2  # and its checksum verifies
-    else:
-        train_main(args)
-        assert (f"warning: cannot write the checkpoint of iter 4 to {out}: No space left on device; the earlier ones "
-                f"are untouched; trying again at the next evaluation") in capsys.readouterr().out
-        assert sorted(p.name for p in out.glob("*ckpt*")) == ["ckpt-000002.pt", "ckpt-000006.pt", "ckpt-best.pt",
-                                                             "ckpt.pt"]
-        assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 6
+    train_main(tiny_args("max_iters=6", "eval_interval=2", "on_save_error=retry"))
+    assert (f"warning: cannot write the checkpoint of iter 4 to {out}: No space left on device; the earlier ones "
+            f"are untouched; trying again at the next evaluation") in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*ckpt*")) == ["ckpt-000002.pt", "ckpt-000006.pt", "ckpt-best.pt", "ckpt.pt"]
+    assert load_checkpoint(out / "ckpt.pt").progress.step == 6
 
 
 def newest_saved(out_dir) -> int:
@@ -171,12 +188,12 @@ def test_a_run_killed_at_random_moments_ends_as_the_run_never_killed(tiny_args, 
         if (out / "ckpt.pt").exists():
             _, _, skipped = newest_checkpoint(out)
             assert skipped == []
-    end = load_checkpoint(out / "ckpt.pt")["iter_num"] + 5
+    end = load_checkpoint(out / "ckpt.pt").progress.step + 5
     assert end >= 3 * 14  # each kill but those inside a save came after a save of the run it killed
     train_main(tiny_args(*common, f"max_iters={end}", "init_from=resume"))
     train_main(tiny_args(*common, f"max_iters={end}", f"out_dir={tmp_path / 'whole'}"))
     assert inside_a_save >= 5
     whole, resumed = load_checkpoint(tmp_path / "whole" / "ckpt.pt"), load_checkpoint(out / "ckpt.pt")
-    assert whole["iter_num"] == resumed["iter_num"] == end
-    for name, tensor in whole["model"].items():
-        assert torch.equal(tensor, resumed["model"][name]), name
+    assert whole.progress.step == resumed.progress.step == end
+    for name, tensor in whole.tensors["model"].items():
+        assert torch.equal(tensor, resumed.tensors["model"][name]), name

@@ -6,7 +6,8 @@ Skipped without a CUDA GPU; run on one before changing the training step or the 
 import pytest
 import torch
 
-from gptrain.generate import generate_tokens, load_model
+from gptrain.checkpoint import load_model
+from gptrain.sampling import generate_tokens
 from gptrain.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -38,7 +39,7 @@ def test_resume_on_cuda_matches_the_uninterrupted_run(tiny_config, tmp_path):
 
 def test_cuda_generation_with_cache_equals_without(tiny_config, tmp_path):
     train(tiny_config("device=cuda", "max_iters=20"))
-    model, _ = load_model(tmp_path / "out" / "ckpt.pt", torch.device("cuda"))
+    model, _ = load_model(tmp_path / "out" / "ckpt.pt", device=torch.device("cuda"))
     prompt = torch.randint(0, 65, (2, 5), device="cuda")
     run = lambda cache: torch.cat(list(generate_tokens(model, prompt, 60, temperature=0, use_cache=cache)), 1)  # noqa: E731
     assert torch.equal(run(True), run(False))

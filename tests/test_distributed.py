@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptrain.checkpoint import load_checkpoint, load_weights, model_config_from
+from gptrain.checkpoint import load_checkpoint, load_model
 from gptrain.config import load_config
-from gptrain.model import GPT
 from gptrain.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,9 +105,7 @@ def by_step(history: list[dict], key: str) -> dict[int, float]:
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The final weights as one process sees them, whatever layout wrote them (a file or DCP shards)."""
     path = run_dir / "out" / "ckpt.pt"
-    checkpoint = load_checkpoint(path)
-    model = GPT(model_config_from(checkpoint))
-    load_weights(model, checkpoint, path)
+    model, _ = load_model(path, device=torch.device("cpu"))
     return model.state_dict()
 
 
@@ -240,7 +237,7 @@ def test_a_stop_signal_checkpoints_the_step_reached_and_resumes(launcher, sig, e
     code, stdout, stderr = job.wait(timeout=120)
 
     assert code == exit_code, stdout + stderr
-    stopped = load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"]
+    stopped = load_checkpoint(tmp_path / "out" / "ckpt.pt").progress.step
     logged = max(by_step(records(tmp_path), "train/loss"))
     assert stopped == logged + 1 >= 5, stdout + stderr  # every step that ran is in the checkpoint
     assert f"stopped at iter {stopped} on {sig.name}; continue with init_from=resume" in stdout, stdout + stderr

@@ -1,16 +1,17 @@
 import json
 import math
+import re
 import shutil
-from dataclasses import asdict
+from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from gptrain.checkpoint import save_checkpoint
+from gptrain.checkpoint import RunRecord, save_checkpoint
 from gptrain.config import GPTConfig
-from gptrain.data import read_meta
-from gptrain.distributed import DistInfo
+from gptrain.data import open_tokens, read_meta
 from gptrain.evaluate import evaluate_tokens, main, perplexity, split_bits_per_byte
 from gptrain.metrics import bits_per_byte
 from gptrain.model import GPT
@@ -35,10 +36,8 @@ def checkpoint(char_data, tmp_path):
     """A checkpoint as training writes one for the char_data corpus: model, tokenizer, config with data_dir."""
     meta = read_meta(char_data)
     model = random_model(meta["vocab_size"])
-    run_state = {"model_config": asdict(model.config), "config": {"data_dir": str(char_data)}, "iter_num": 0,
-                 "best_val_loss": 1e9, "tokenizer": meta["tokenizer"]}
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(path.parent, run_state, model=model, optimizers=[], info=DistInfo(), sharded=False)
+    save_checkpoint(path.parent, model=model, record=RunRecord(config={"data_dir": str(char_data)}, tokenizer=meta["tokenizer"]))
     return path, model
 
 
@@ -155,3 +154,28 @@ def test_missing_checkpoint_data_and_split_are_one_line_errors(capsys, checkpoin
     assert code == 2 and err.startswith(f"error: no meta.json in {tmp_path / 'nothing'}") and err.count("\n") == 1
     code, _, err = run(capsys, "--model_path", str(checkpoint[0]), "--max_tokens", "0")
     assert code == 2 and err == "error: --batch_size and --max_tokens must be >= 1\n"
+
+
+def mapped_bytes(path) -> int:
+    """Bytes of `path` resident in this process through its mappings of it (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):  # a mapping's header, which ends with the file's path
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads Linux's /proc")
+def test_a_whole_split_is_read_without_mapping_its_pages_into_the_process(char_data):
+    """With pread, as training reads its windows: RSS stays flat however large the split (OpenWebText's
+    train.bin is 17 GB), where reading through the memmap would keep every page it touched."""
+    meta = read_meta(char_data)
+    tokens = open_tokens(char_data, "train", meta)
+    model = random_model(meta["vocab_size"], block_size=64)
+    _, count = evaluate_tokens(model, tokens, block_size=64, batch_size=32, device=torch.device("cpu"),
+                               autocast=nullcontext(), max_tokens=100_000)
+    assert count == 100_000 and mapped_bytes(Path(tokens.filename).resolve()) == 0
+    np.asarray(tokens[:100_000]).sum()  # what reading through the memmap would have done
+    assert mapped_bytes(Path(tokens.filename).resolve()) > 0

@@ -1,16 +1,16 @@
 import json
 import sys
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from gptrain import export
-from gptrain.checkpoint import save_checkpoint
+from gptrain.checkpoint import RunRecord, save_checkpoint
 from gptrain.config import GPTConfig
 from gptrain.distributed import DistInfo
-from gptrain.generate import generate_tokens
+from gptrain.sampling import generate_tokens
 from gptrain.model import GPT, mlp_width
 from gptrain.tokenizer import GPT2Tokenizer, from_meta, train_bpe
 
@@ -34,8 +34,7 @@ def random_model(**switches) -> GPT:
 
 def save(model: GPT, path, tokenizer: dict | None = CHARS, sharded: bool = False):
     """A checkpoint as training writes it (run state, model config, tokenizer, weights), on one process."""
-    run_state = {"model_config": asdict(model.config), "iter_num": 0, "best_val_loss": 1e9, "tokenizer": tokenizer}
-    save_checkpoint(path.parent, run_state, model=model, optimizers=[], info=DistInfo(), sharded=sharded)
+    save_checkpoint(path.parent, model=model, record=RunRecord(tokenizer=tokenizer), info=DistInfo(), sharded=sharded)
     return path
 
 

@@ -1,15 +1,13 @@
 import functools
 import json
 import math
-from dataclasses import asdict
 
 import pytest
 import torch
 
 from gptrain import harness
-from gptrain.checkpoint import save_checkpoint
+from gptrain.checkpoint import RunRecord, save_checkpoint
 from gptrain.config import GPTConfig
-from gptrain.distributed import DistInfo
 from gptrain.model import GPT
 from gptrain.tokenizer import from_meta
 
@@ -70,8 +68,7 @@ def checkpoint(folder, tokenizer: dict, vocab_size: int):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)  # large weights, so choices' scores differ
-    run_state = {"model_config": asdict(model.config), "iter_num": 0, "best_val_loss": 1e9, "tokenizer": tokenizer}
-    save_checkpoint(folder, run_state, model=model, optimizers=[], info=DistInfo(), sharded=False)
+    save_checkpoint(folder, model=model, record=RunRecord(tokenizer=tokenizer))
     return folder / "ckpt.pt", model
 
 

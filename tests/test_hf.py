@@ -65,7 +65,7 @@ def test_fine_tuning_a_hugging_face_gpt2_starts_at_iteration_0_from_its_weights(
     config = tiny_config(f"data_dir={gpt2_data}", f"init_from={hf_dir}", "block_size=64", "max_iters=2",
                          "eval_interval=2", "dropout=0.1")
     run = build(config, DistInfo())
-    assert run.step == 0 and run.raw_model.config.dropout == 0.1 and run.tokenizer_meta == {"name": "gpt2"}
+    assert run.state.progress.step == 0 and run.model.config.dropout == 0.1 and run.tokenizer_meta == {"name": "gpt2"}
     reference, sampler = hf_model(hf_dir), run.eval_batches["val"]
     with torch.no_grad():  # transformers' loss on the batches the run evaluates on
         expected = sum(F.cross_entropy(reference(x).logits.flatten(0, 1), y.reshape(-1)).item()
@@ -75,8 +75,8 @@ def test_fine_tuning_a_hugging_face_gpt2_starts_at_iteration_0_from_its_weights(
     assert val_losses(history)[0] == pytest.approx(expected, abs=1e-4)
     assert [r["step"] for r in history if "train/loss" in r] == [0, 1]
     saved = load_checkpoint(tmp_path / "out" / "ckpt.pt")
-    assert saved["iter_num"] == 2 and saved["tokenizer"] == {"name": "gpt2"}
-    assert saved["model_config"]["n_layer"] == 2 and saved["model_config"]["block_size"] == 64
+    assert saved.progress.step == 2 and saved.record.tokenizer == {"name": "gpt2"}
+    assert saved.model_config.n_layer == 2 and saved.model_config.block_size == 64
 
 
 def test_a_shorter_context_crops_the_position_table(tiny_config, gpt2_data, hf_dir, tmp_path):
@@ -84,10 +84,10 @@ def test_a_shorter_context_crops_the_position_table(tiny_config, gpt2_data, hf_d
                          "eval_interval=2")
     run = build(config, DistInfo())
     _, state = load_hf_gpt2(str(hf_dir))
-    assert torch.equal(run.raw_model.transformer.wpe.weight.detach(), state["transformer.wpe.weight"][:32])
+    assert torch.equal(run.model.transformer.wpe.weight.detach(), state["transformer.wpe.weight"][:32])
     history = train(config)
     assert all(torch.isfinite(torch.tensor(v)) for v in val_losses(history).values())
-    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["model_config"]["block_size"] == 32
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt").model_config.block_size == 32
 
 
 def test_a_longer_context_than_the_source_has_is_one_line(tiny_config, gpt2_data, hf_dir):
@@ -137,11 +137,11 @@ def test_fine_tuning_our_checkpoint_on_a_shorter_context(tiny_config, tmp_path, 
     config = tiny_config(*recipe, f"init_from={tmp_path / 'pre' / 'ckpt.pt'}", "block_size=16", "max_iters=2",
                          "eval_interval=2", f"out_dir={tmp_path / 'ft'}")
     run = build(config, DistInfo())
-    assert run.raw_model.config.block_size == 16
+    assert run.model.config.block_size == 16
     if recipe:
-        assert run.raw_model.rope.shape[1] == 16
+        assert run.model.transformer.h[0].attn.rotary.table.shape[1] == 16
     else:
-        assert torch.equal(run.raw_model.transformer.wpe.weight.detach(),
-                           pretrained["model"]["transformer.wpe.weight"][:16])
+        assert torch.equal(run.model.transformer.wpe.weight.detach(),
+                           pretrained.tensors["model"]["transformer.wpe.weight"][:16])
     train(config)
-    assert load_checkpoint(tmp_path / "ft" / "ckpt.pt")["model_config"]["block_size"] == 16
+    assert load_checkpoint(tmp_path / "ft" / "ckpt.pt").model_config.block_size == 16

@@ -119,12 +119,12 @@ def test_sample_decodes_through_the_datasets_meta_pkl(nanogpt, capsys):
 def test_resume_continues_its_weights_optimizer_and_iteration(nanogpt, tmp_path, capsys):
     run = build(gptrain_config(tmp_path, "init_from=resume", f"max_iters={ITERS + 10}"), DistInfo())
     run.logger.close()
-    assert run.step == ITERS and run.best_val_loss == pytest.approx(2.9)
+    assert run.state.progress.step == ITERS and run.state.progress.best_val_loss == pytest.approx(2.9)
     assert "is nanoGPT's: its weights, AdamW state, iteration and best val loss go on, but not its data position " \
            "or random state" in capsys.readouterr().out
     # each parameter's AdamW moments are nanoGPT's, found by name though nanoGPT kept them by position
     saved = nanogpt["optimizer"]["state"]
-    params = dict(run.raw_model.named_parameters())
+    params = dict(run.model.named_parameters())
     by_position = [n for n in NANOGPT_PARAMETERS if params[n].dim() >= 2] + [
         n for n in NANOGPT_PARAMETERS if params[n].dim() < 2]
     for position, name in enumerate(by_position):
@@ -138,7 +138,7 @@ def test_resume_continues_its_weights_optimizer_and_iteration(nanogpt, tmp_path,
     steps = [r["step"] for r in history if "train/loss" in r]
     assert steps[0] == ITERS and steps[-1] == ITERS + 9
     assert history[0]["train/loss"] < 3.0  # nanoGPT's weights, not a fresh model's ln(65) = 4.17
-    assert load_checkpoint("out-shakespeare-char/ckpt.pt")["iter_num"] == ITERS + 10
+    assert load_checkpoint("out-shakespeare-char/ckpt.pt").progress.step == ITERS + 10
 
 
 def test_fine_tuning_starts_a_new_run_from_its_weights(nanogpt, tmp_path):
@@ -148,5 +148,5 @@ def test_fine_tuning_starts_a_new_run_from_its_weights(nanogpt, tmp_path):
     val = {r["step"]: r["val/loss"] for r in history if "val/loss" in r}
     assert min(val) == 0 and val[0] < 3.0 < math.log(65)
     saved = load_checkpoint("finetuned/ckpt.pt")
-    assert saved["iter_num"] == 6 and saved["model_config"]["dropout"] == 0.1
-    assert saved["tokenizer"]["name"] == "char"  # from the meta.pkl, so generate needs no --meta from now on
+    assert saved.progress.step == 6 and saved.model_config.dropout == 0.1
+    assert saved.record.tokenizer["name"] == "char"  # from the meta.pkl, so generate needs no --meta from now on

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptrain.config import ConfigError, TrainConfig, load_config
-from gptrain.generate import nucleus, sample_generators, sample_next
+from gptrain.sampling import nucleus, sample_generators, sample_next
 
 QUICK = settings(max_examples=60, deadline=None, database=None)  # database=None: no .hypothesis/ folder
 # text as typed on a command line: any character but '$' (OmegaConf reads ${...} as an interpolation)

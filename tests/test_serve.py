@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gptrain.batching import Engine, Finish, RowCache, Request, Sampling, Token
-from gptrain.generate import generate_tokens
+from gptrain.sampling import generate_tokens
 from gptrain.generate import main as generate
 from gptrain.serve import main
 from gptrain.tokenizer import CharTokenizer

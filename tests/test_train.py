@@ -5,7 +5,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptrain.checkpoint import CheckpointError, load_checkpoint, model_config_from
+from gptrain.checkpoint import CheckpointError, load_checkpoint
 from gptrain.config import load_config
 from gptrain.data import DataError
 from gptrain.model import GPT
@@ -46,9 +46,9 @@ def test_resumed_run_matches_the_uninterrupted_run(tiny_config, tmp_path, recipe
     assert losses(resumed) == {s: v for s, v in losses(whole).items() if s >= 4}
     assert losses(resumed, "val/loss") == {8: losses(whole, "val/loss")[8]}
     a, b = (load_checkpoint(tmp_path / run / "ckpt.pt") for run in ("whole", "split"))
-    assert a["iter_num"] == b["iter_num"] == 8
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+    assert a.progress.step == b.progress.step == 8
+    for name, tensor in a.tensors["model"].items():
+        assert torch.equal(tensor, b.tensors["model"][name]), name
 
 
 def test_a_resumed_run_takes_the_learning_rates_it_is_given(tiny_config, tmp_path):
@@ -79,7 +79,7 @@ def test_fine_tuning_starts_from_the_checkpoint_weights(tiny_config, tmp_path, c
     assert "note: the model keeps the checkpoint's n_layer=2, n_embd=32 " in capsys.readouterr().out
     assert finetuned[0]["step"] == 0
     assert losses(finetuned, "val/loss")[0] == pytest.approx(losses(pretrained, "val/loss")[20], abs=1e-6)
-    assert load_checkpoint(tmp_path / "ft" / "ckpt.pt")["model_config"]["n_layer"] == 2
+    assert load_checkpoint(tmp_path / "ft" / "ckpt.pt").model_config.n_layer == 2
 
 
 @pytest.mark.parametrize("init_from", ["checkpoint", "resume"])
@@ -121,7 +121,7 @@ def test_a_resumed_run_logs_each_step_once(tiny_config, tmp_path):
     (tmp_path / "out" / "ckpt.pt").unlink()
     train(tiny_config(*common, "max_iters=4", f"out_dir={tmp_path / 'four'}"))  # a checkpoint at iter 4
     (tmp_path / "four" / "ckpt.pt").rename(tmp_path / "out" / "ckpt.pt")
-    assert checkpoint["iter_num"] == 8 and load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 4
+    assert checkpoint.progress.step == 8 and load_checkpoint(tmp_path / "out" / "ckpt.pt").progress.step == 4
     train(tiny_config(*common, "max_iters=8", "init_from=resume"))
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     for key in ("train/loss", "val/loss"):
@@ -140,12 +140,12 @@ def test_wandb_offline_run_writes_its_run_directory_and_resumes_it(tiny_config, 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     train(tiny_config("wandb_log=true", "max_iters=4", "eval_interval=4"))
-    run_id = load_checkpoint(tmp_path / "out" / "ckpt.pt")["wandb_id"]
+    run_id = load_checkpoint(tmp_path / "out" / "ckpt.pt").record.wandb_id
     [log] = (tmp_path / "out" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
     written = log.read_bytes()  # protobuf records, which `wandb sync` uploads; the keys are there as text
     assert all(key.encode() in written for key in ("train/loss", "val/loss", "val/bpb", "lr", "grad_norm", "tokens"))
     train(tiny_config("wandb_log=true", "max_iters=6", "eval_interval=4", "init_from=resume"))
-    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["wandb_id"] == run_id  # the same W&B run, continued
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt").record.wandb_id == run_id  # the same W&B run, continued
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -187,7 +187,7 @@ def test_a_nan_step_is_skipped_and_counted_and_training_goes_on(tiny_config, tmp
     assert val[20] < val[0]
     for step in (10, 20):
         saved = load_checkpoint(tmp_path / "out" / f"ckpt-{step:06d}.pt")
-        assert all(torch.isfinite(t).all() for t in saved["model"].values())
+        assert all(torch.isfinite(t).all() for t in saved.tensors["model"].values())
         # the skipped step left the optimizer state alone: AdamW counted one update fewer than steps
         assert {float(s["step"]) for s in saved["optimizer"]["state"].values()} == {step - 1}
 
@@ -208,9 +208,9 @@ def test_max_bad_steps_in_a_row_stop_the_run(tiny_config, tmp_path, monkeypatch)
         train(tiny_config("max_bad_steps=4", "eval_interval=2"))
     # steps 3, 4 and 5 were skipped, so the checkpoints of iter 4 and 6 hold the weights step 2 left
     at_4, at_6 = (load_checkpoint(tmp_path / "out" / f"ckpt-{step:06d}.pt") for step in (4, 6))
-    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 6
-    for name, tensor in at_6["model"].items():
-        assert torch.isfinite(tensor).all() and torch.equal(tensor, at_4["model"][name]), name
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt").progress.step == 6
+    for name, tensor in at_6.tensors["model"].items():
+        assert torch.isfinite(tensor).all() and torch.equal(tensor, at_4.tensors["model"][name]), name
 
 
 def test_fine_tuning_on_data_with_another_tokenizer_is_refused(tiny_config, tmp_path):
@@ -254,13 +254,13 @@ def test_the_run_record_is_written_and_kept_in_checkpoints(tiny_config, tmp_path
                          "tokens_per_param=0.5", "eval_interval=1000")
     history = train(config)
     params = load_checkpoint(tmp_path / "out" / "ckpt.pt")
-    steps = -(-round(0.5 * GPT(model_config_from(params)).num_params()) // 512)
+    steps = -(-round(0.5 * GPT(params.model_config).num_params()) // 512)
     assert max(losses(history)) == steps - 1  # max_iters=auto: tokens_per_param tokens per parameter
     recorded = load_config([str(tmp_path / "out" / "config.yaml")])
     assert (recorded.max_iters, recorded.tokens_per_step, recorded.batch_size) == (steps, 512, 8)
     environment = json.loads((tmp_path / "out" / "environment.json").read_text())
     assert environment["torch"] == torch.__version__ and environment["world_size"] == 1
-    assert params["environment"] == environment and params["config"]["max_iters"] == steps
+    assert params.record.environment == environment and params.record.config["max_iters"] == steps
 
 
 def test_batch_size_auto_runs_trial_steps_and_keeps_tokens_per_step(tiny_config, capsys):
