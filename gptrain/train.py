@@ -36,7 +36,7 @@ from gptrain.distributed import (
 from gptrain.errors import UserError, command
 from gptrain.evaluate import estimate_loss, split_bits_per_byte
 from gptrain.generate import decode, generate_tokens, sample_generators
-from gptrain.hf import hf_checkpoint, is_hf_gpt2
+from gptrain.hf import hf_checkpoint, is_hf_model
 from gptrain.metrics import MetricsLogger, peak_flops
 from gptrain.model import GPT
 from gptrain.optim import build_optimizers, lr_multiplier, set_lr
@@ -171,7 +171,7 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
         checkpoint, path, skipped = newest_checkpoint(config.out_dir)
         for reason in skipped:
             print0(info, f"note: skipped a checkpoint: {reason}")
-    elif is_hf_gpt2(config.init_from):  # a checkpoint of weights, shape and GPT-2's tokenizer alone
+    elif is_hf_model(config.init_from):  # a checkpoint of weights, shape and tokenizer record alone
         checkpoint, path = hf_checkpoint(config.init_from, config.dropout), Path(config.init_from)
     elif config.init_from != "scratch":
         path = Path(config.init_from)
