@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from gptrain.checkpoint import CheckpointError, load_checkpoint
 from gptrain.config import ConfigError
-from gptrain.data import DataError
+from gptrain.data import DataError, read_meta
 from gptrain.distributed import DistInfo
 from gptrain.hf import load_hf
-from gptrain.model import GPT, mlp_width
+from gptrain.model import GPT
 from gptrain.train import build, train
 
 transformers = pytest.importorskip("transformers")
@@ -93,6 +93,13 @@ def test_the_loaded_gpt2_computes_what_transformers_does(hf_dir):
     assert config.bias and config.tie_embeddings
 
 
+def test_a_hugging_face_gpt2_reads_gpt2_tokens_only_if_its_vocabulary_holds_them(hf_dir, tmp_path):
+    assert load_hf(str(hf_dir))[2] == {"name": "gpt2"}
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=100)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    assert load_hf(str(tmp_path))[2] is None  # some other tokenizer's: training takes the data's
+
+
 @pytest.mark.parametrize("bias, tied", [(False, False), (True, True)], ids=["llama", "bias-tied"])
 def test_a_hugging_face_llama_computes_what_transformers_does(tmp_path, bias, tied):
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -104,6 +111,19 @@ def test_a_hugging_face_llama_computes_what_transformers_does(tmp_path, bias, ti
     assert (ours.pos_emb, ours.norm, ours.mlp, ours.rope_theta, ours.block_size) == ("rope", "rmsnorm", "swiglu", 500.0, 48)
     assert (ours.bias, ours.tie_embeddings) == (bias, tied)
     assert load_hf(str(tmp_path))[2] is None  # no tokenizer record: training takes the data's
+
+
+def test_fine_tuning_a_hugging_face_llama_records_the_datas_tokenizer(tiny_config, char_data, tmp_path):
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                      vocab_size=80, max_position_embeddings=64, rms_norm_eps=1e-5)
+    randomised(transformers.LlamaForCausalLM(config)).save_pretrained(tmp_path / "llama")
+    config = tiny_config(f"init_from={tmp_path / 'llama'}", "max_iters=2", "eval_interval=2")  # block_size=32
+    expected = transformers_val_loss(tmp_path / "llama", build(config, DistInfo()))
+    history = train(config)
+    assert val_losses(history)[0] == pytest.approx(expected, abs=1e-4)
+    saved = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert saved["tokenizer"] == read_meta(char_data)["tokenizer"]
+    assert (saved["model_config"]["pos_emb"], saved["model_config"]["block_size"]) == ("rope", 32)
 
 
 def test_fine_tuning_a_hugging_face_gpt2_starts_at_iteration_0_from_its_weights(tiny_config, gpt2_data, hf_dir, tmp_path):
@@ -163,11 +183,11 @@ LLAMA = {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 1, "n
      "Llama variant gptrain's model does not compute: num_key_value_heads=1 (grouped-query attention)"),
     (transformers.LlamaConfig(**{**LLAMA, "intermediate_size": 96, "rms_norm_eps": 1e-6}),
      "Llama variant gptrain's model does not compute: intermediate_size=96 (ours is 128 at hidden_size=32), "
-     "rms_norm_eps=1e-06"),
+     + "rms_norm_eps=1e-06"),
     (transformers.LlamaConfig(**LLAMA, hidden_act="gelu", attention_bias=True,
                               rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
      "Llama variant gptrain's model does not compute: hidden_act=gelu, attention_bias=True with mlp_bias=False, "
-     "rope_type=linear"),
+     + "rope_type=linear"),
 ], ids=["gelu", "gpt2-width-eps", "gqa", "llama-width-eps", "act-bias-rope"])
 def test_a_variant_our_model_does_not_compute_is_refused_in_one_line(tmp_path, config, differs):
     config.save_pretrained(tmp_path)  # refused from config.json alone, before any weights are read
@@ -206,7 +226,7 @@ def test_init_from_gpt2_by_name_loads_it_from_the_hugging_face_cache(tiny_args, 
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     args = [f"data_dir={gpt2_data}", "init_from=gpt2", "max_iters=2", "eval_interval=2"]
     result = subprocess.run([sys.executable, "train.py", *tiny_args(*args)], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "fine-tuning from gpt2 (iter 0)" in result.stdout
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
