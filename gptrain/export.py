@@ -10,12 +10,14 @@ an approximate export would load without complaint and quietly compute something
 
 The directory holds config.json, generation_config.json and model.safetensors, and the tokenizer the
 checkpoint records as tokenizer.json and tokenizer_config.json, so `AutoTokenizer.from_pretrained(DIR)`
-encodes text to the ids we would. Every tokenizer we have has an exact form there: GPT-2's is
-`GPT2TokenizerFast` from the shipped BPE files, a trained `bpe` or an `hf:` one is its own tokenizers JSON,
-and a char vocabulary is a word-level model over single characters. One difference is Hugging Face's
-convention: it reads the text "<|endoftext|>" as the special token, where our encode treats it as text.
-When the embedding is padded past the tokenizer's vocabulary, generation_config.json's suppress_tokens
-lists the padded ids, so Hugging Face's generate never samples them (as our generate's vocab_limit).
+encodes text to the ids we would, and gptrain_tokenizer.json, the record of it `prepare` wrote, so that
+`init_from=DIR` fine-tunes on data prepared as the model's own was (gptrain/hf.py). Every tokenizer we
+have has an exact form there: GPT-2's is `GPT2TokenizerFast` from the shipped BPE files, a trained `bpe`
+or an `hf:` one is its own tokenizers JSON, and a char vocabulary is a word-level model over single
+characters. One difference is Hugging Face's convention: it reads the text "<|endoftext|>" as the special
+token, where our encode treats it as text. When the embedding is padded past the tokenizer's vocabulary,
+generation_config.json's suppress_tokens lists the padded ids, so Hugging Face's generate never samples
+them (as our generate's vocab_limit).
 
 Usage: gptrain export --model_path checkpoints/ckpt.pt --out hf/my-model
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import shutil
 import sys
 import tempfile
@@ -35,7 +38,7 @@ from gptrain.checkpoint import load_model
 from gptrain.config import GPTConfig
 from gptrain.errors import UserError, command
 from gptrain.extras import require
-from gptrain.hf import CONV1D_WEIGHTS
+from gptrain.hf import CONV1D_WEIGHTS, TOKENIZER_RECORD, llama_names
 from gptrain.model import GPT, mlp_width
 from gptrain import tokenizer as tokenizers
 from gptrain.tokenizer import ASSETS, GPT2Tokenizer
@@ -135,26 +138,14 @@ def llama_config(transformers, config: GPTConfig, eot: int | None, dtype: str):
 
 def llama_weights(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Our fused matrices split along their rows: c_attn into q, k, v; SwiGLU's c_fc into gate, then up."""
-    weights = {"model.embed_tokens.weight": state["transformer.wte.weight"],
-               "model.norm.weight": state["transformer.ln_f.weight"]}
-    if not config.tie_embeddings:
-        weights["lm_head.weight"] = state["lm_head.weight"]
-    for i in range(config.n_layer):
-        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
-        weights[theirs + "input_layernorm.weight"] = state[ours + "ln_1.weight"]
-        weights[theirs + "post_attention_layernorm.weight"] = state[ours + "ln_2.weight"]
-        for kind in ("weight", "bias") if config.bias else ("weight",):
-            q, k, v = state[f"{ours}attn.c_attn.{kind}"].chunk(3)
-            gate, up = state[f"{ours}mlp.c_fc.{kind}"].chunk(2)
-            weights.update({
-                f"{theirs}self_attn.q_proj.{kind}": q,
-                f"{theirs}self_attn.k_proj.{kind}": k,
-                f"{theirs}self_attn.v_proj.{kind}": v,
-                f"{theirs}self_attn.o_proj.{kind}": state[f"{ours}attn.c_proj.{kind}"],
-                f"{theirs}mlp.gate_proj.{kind}": gate,
-                f"{theirs}mlp.up_proj.{kind}": up,
-                f"{theirs}mlp.down_proj.{kind}": state[f"{ours}mlp.c_proj.{kind}"],
-            })
+    weights = {}
+    for ours, theirs in llama_names(config.n_layer).items():
+        if ours == "lm_head" and config.tie_embeddings:
+            continue  # the same matrix as the embedding; transformers ties it back on load
+        for kind in ("weight", "bias"):
+            if f"{ours}.{kind}" in state:
+                parts = state[f"{ours}.{kind}"].chunk(len(theirs))
+                weights.update({f"{name}.{kind}": part for name, part in zip(theirs, parts)})
     return weights
 
 
@@ -217,8 +208,12 @@ def export(model: GPT, out: str | Path, tokenizer_meta: dict | None = None) -> s
         # the embedding is padded (to a multiple of 64, say): ids no text encodes to, never to be sampled
         generation.suppress_tokens = list(range(len(tokenizer), config.vocab_size))
     generation.save_pretrained(out)
+    record = out / TOKENIZER_RECORD
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+        record.write_text(json.dumps(tokenizer_meta) + "\n")  # what init_from=DIR compares the data's with
+    else:
+        record.unlink(missing_ok=True)  # an earlier export's: it would vouch for a tokenizer this model lacks
     return hf_config.architectures[0]
 
 

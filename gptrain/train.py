@@ -33,7 +33,7 @@ from gptrain.distributed import (
 from gptrain.errors import RunError, command
 from gptrain.evaluate import estimate_loss, split_bits_per_byte
 from gptrain.files import atomic_write_text
-from gptrain.hf import hf_checkpoint, is_hf_gpt2
+from gptrain.hf import hf_checkpoint, is_hf_model
 from gptrain.metrics import MetricsLogger, peak_flops
 from gptrain.model import GPT
 from gptrain.optim import build_optimizers, lr_multiplier, set_lr
@@ -171,7 +171,7 @@ def _source(config: TrainConfig, info: DistInfo) -> Checkpoint | None:
         for reason in skipped:
             print0(info, f"note: skipped a checkpoint: {reason}")
         return source
-    if is_hf_gpt2(config.init_from):  # weights, shape and GPT-2's tokenizer alone
+    if is_hf_model(config.init_from):  # weights, shape and tokenizer record alone
         return hf_checkpoint(config.init_from, config.dropout)
     return load_checkpoint(config.init_from)
 

@@ -7,12 +7,15 @@ import torch
 import torch.distributed as dist
 
 from gptrain import export
-from gptrain.checkpoint import RunRecord, save_checkpoint
+from gptrain.checkpoint import RunRecord, load_checkpoint, save_checkpoint
 from gptrain.config import GPTConfig
+from gptrain.data import DataError, read_meta
 from gptrain.distributed import DistInfo
 from gptrain.sampling import generate_tokens
+from gptrain.hf import TOKENIZER_RECORD
 from gptrain.model import GPT, mlp_width
 from gptrain.tokenizer import GPT2Tokenizer, from_meta, train_bpe
+from gptrain.train import build, train
 
 transformers = pytest.importorskip("transformers")  # gptrain[hf]; gptrain.export itself imports it lazily
 
@@ -79,6 +82,10 @@ def assert_same_model(ours: GPT, theirs) -> None:
                                    do_sample=False)[:, 5:]
     assert len({tuple(row) for row in our_tokens.tolist()}) == 2  # rows differ, so a mix-up would show
     assert torch.equal(our_tokens, their_tokens)
+
+
+def val_losses(history: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["val/loss"] for r in history if "val/loss" in r}
 
 
 @pytest.mark.parametrize("switches", [{}, {"bias": False}, {"tie_embeddings": False}, {"zero_init_proj": True}],
@@ -185,6 +192,7 @@ def test_char_and_trained_bpe_tokenizers_export_to_the_same_ids(capsys, tmp_path
     assert tokenizer.decode(ours.encode(SAMPLE)) == SAMPLE
     assert len(tokenizer) == ours.vocab_size
     assert tokenizer.eos_token_id == ours.eot_id  # None for char: it has no end-of-text token
+    assert json.loads((out / TOKENIZER_RECORD).read_text()) == meta  # what init_from=DIR compares the data's with
 
 
 def test_a_checkpoint_without_a_tokenizer_says_none_is_written(capsys, tmp_path):
@@ -193,7 +201,14 @@ def test_a_checkpoint_without_a_tokenizer_says_none_is_written(capsys, tmp_path)
     assert code == 0 and out == f"wrote GPT2LMHeadModel to {tmp_path / 'hf'}\n"
     assert err.startswith("note: the checkpoint records no tokenizer, so no tokenizer files are written;")
     assert err.count("\n") == 1
-    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    assert not (tmp_path / "hf" / "tokenizer.json").exists() and not (tmp_path / "hf" / TOKENIZER_RECORD).exists()
+
+
+def test_exporting_without_a_tokenizer_over_an_export_with_one_removes_its_record(capsys, tmp_path):
+    exported(capsys, tmp_path, random_model())
+    assert (tmp_path / "hf" / TOKENIZER_RECORD).is_file()
+    exported(capsys, tmp_path, random_model(), tokenizer=None)
+    assert not (tmp_path / "hf" / TOKENIZER_RECORD).exists()  # it would vouch for a tokenizer the model lacks
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused(capsys, tmp_path):
@@ -245,6 +260,52 @@ def test_exporting_again_overwrites_an_earlier_export(capsys, tmp_path):
     hf, _ = exported(capsys, tmp_path, second)
     assert type(hf).__name__ == "LlamaForCausalLM"
     assert_same_model(second, hf)
+
+
+@pytest.mark.parametrize("switches", [
+    {}, {"bias": False}, {"tie_embeddings": False}, LLAMA, {**LLAMA, "bias": True}, {**LLAMA, "tie_embeddings": False},
+    {**LLAMA, "bias": True, "tie_embeddings": False, "rope_theta": 500.0},
+], ids=["gpt2", "gpt2-no-bias", "gpt2-untied", "llama", "llama-bias", "llama-untied", "llama-bias-untied-theta"])
+def test_an_exported_model_fine_tunes_from_the_same_model(capsys, tmp_path, tiny_config, char_data, switches):
+    """Export, then init_from=DIR: the same shape and switches, bit for bit the same weights, so the same logits.
+    Its tokenizer record comes back too, so data prepared as the model's own was is accepted."""
+    meta = read_meta(char_data)
+    model = random_model(vocab_size=meta["vocab_size"], **switches)
+    _, out = exported(capsys, tmp_path, model, tokenizer=meta["tokenizer"])
+    run = build(tiny_config(f"init_from={out}"), DistInfo())
+    loaded = run.model.eval()
+    assert loaded.config == model.config
+    ours, theirs = loaded.state_dict(), model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert [name for name in theirs if not torch.equal(ours[name], theirs[name])] == []
+    idx = torch.randint(0, meta["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx, idx)[0], model(idx, idx)[0])
+
+
+def test_an_exported_model_refuses_data_tokenized_otherwise(capsys, tmp_path, tiny_config):
+    _, out = exported(capsys, tmp_path, random_model(), tokenizer=CHARS)  # not the characters of char_data
+    with pytest.raises(DataError, match="tokenized with 'char' but the checkpoint with a different 'char' tokenizer"):
+        build(tiny_config(f"init_from={out}"), DistInfo())
+
+
+def test_a_llama_trained_here_and_exported_trains_again(capsys, tmp_path, tiny_config, char_data):
+    """Train, export as Llama, fine-tune from the directory on the same data: it starts where training ended."""
+    recipe = ("pos_emb=rope", "norm=rmsnorm", "mlp=swiglu", "bias=false")
+    pretrained = train(tiny_config(*recipe, "max_iters=10", "lr_decay_iters=10", f"out_dir={tmp_path / 'pre'}"))
+    code, out, err = run(capsys, "--model_path", str(tmp_path / "pre" / "ckpt.pt"), "--out", str(tmp_path / "hf"))
+    assert code == 0 and out.startswith("wrote LlamaForCausalLM and the 'char' tokenizer"), err
+    config = tiny_config(*recipe, f"init_from={tmp_path / 'hf'}", "max_iters=6", "lr_decay_iters=6", "eval_interval=3",
+                         f"out_dir={tmp_path / 'tuned'}")
+    tuned = train(config)
+    before, after = (val_losses(history) for history in (pretrained, tuned))
+    assert after[0] == pytest.approx(before[10], abs=1e-5)
+    assert [r["step"] for r in tuned if "train/loss" in r] == list(range(6))
+    assert after[6] < after[3] < after[0]
+    saved = load_checkpoint(tmp_path / "tuned" / "ckpt.pt")
+    assert saved.progress.step == 6 and saved.record.tokenizer == read_meta(char_data)["tokenizer"]
+    assert {k: saved["model_config"][k] for k in ("pos_emb", "norm", "mlp", "bias")} == {
+        "pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
 
 
 def test_every_model_setting_is_either_mapped_or_refused():
