@@ -27,7 +27,7 @@ import torch
 from gptrain.checkpoint import load_model
 from gptrain.device import resolve_device
 from gptrain.errors import UserError, command
-from gptrain.export import export, target
+from gptrain.hf import export, target
 from gptrain.extras import require
 
 

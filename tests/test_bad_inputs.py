@@ -9,6 +9,7 @@ latin1.txt (a prompt that is not UTF-8) and corpus.txt (a small text to prepare)
 """
 
 import hashlib
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -31,6 +32,13 @@ TINY = ["data_dir={data}", "n_layer=2", "n_head=2", "n_embd=32", "block_size=32"
 TRAIN = ["train", *TINY, "out_dir={tmp}/out", "log_dir={tmp}/logs"]
 GENERATE = ["generate", "--model_path", "{ckpt}", "--device", "cpu", "--max_new_tokens", "4"]
 EVAL = ["eval", "--device", "cpu"]
+HARNESS = ["harness", "--model_path", "{ckpt}", "--tasks", "lambada_openai"]
+SERVE = ["serve", "--model_path", "{ckpt}", "--device", "cpu"]
+
+
+def needs(module: str):
+    """A row whose command reaches its optional extra before the error: skipped without it."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"needs {module}")
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +194,24 @@ ROWS = [
         "cannot load {files}/random.bin: not a file torch.save wrote", id="export-random-bytes-as-checkpoint"),
     row(["export", "--model_path", "{tmp}/qk/ckpt.pt", "--out", "{tmp}/hf"], "qk_norm=true has no equivalent in",
         setup=unexportable_checkpoint, id="export-unexportable-checkpoint"),
+    # harness: its own checks come before lm-eval is imported, which takes seconds
+    row([*HARNESS, "--limit", "-3"], "--limit must be a whole number of examples or a fraction between 0 and 1 (got -3)",
+        id="harness-limit-negative"),
+    row([*HARNESS, "--batch_size", "0"], "--batch_size must be >= 1 and --num_fewshot >= 0", id="harness-batch_size-0"),
+    row([*HARNESS, "--include_path", "{tmp}/nope"], "--include_path {tmp}/nope is not a folder",
+        id="harness-missing-include_path"),
+    row([*HARNESS[:2], "{tmp}/nope.pt", *HARNESS[3:]], "checkpoint not found: {tmp}/nope.pt",
+        id="harness-missing-checkpoint", marks=needs("lm_eval")),
+    # serve
+    row([*SERVE, "--port", "70000"], "--port must be from 0 to 65535", id="serve-port-out-of-range"),
+    row([*SERVE, "--max_batch_size", "0"], "--max_batch_size must be >= 1", id="serve-max_batch_size-0"),
+    row(["serve", "--model_path", "{files}/notes.txt"], "cannot load {files}/notes.txt: not a file torch.save wrote",
+        id="serve-text-file-as-checkpoint", marks=needs("starlette")),
+    # plot
+    row(["plot", "{tmp}/nope", "-o", "{tmp}/curves.png"], "{tmp}/nope has no metrics.jsonl", id="plot-missing-run",
+        marks=needs("matplotlib")),
+    row(["plot", "{files}", "-o", "{tmp}/curves.png"], "{files} has no metrics.jsonl", id="plot-folder-without-metrics",
+        marks=needs("matplotlib")),
 ]
 
 
@@ -232,8 +258,8 @@ def test_bad_input(command, message, setup, code, world, tmp_path, monkeypatch, 
     (["prepare", "--input", "{files}/corpus.txt", "--out_dir", "{tmp}/prep"], "gptrain.prepare.prepare"),
     (TRAIN, "gptrain.train.train"),
     (["generate", "--model_path", "{ckpt}"], "gptrain.generate.load_model"),
-    (["eval", "--model_path", "{ckpt}"], "gptrain.evaluate.load_checkpoint"),
-    (["export", "--model_path", "{ckpt}", "--out", "{tmp}/hf"], "gptrain.export.load_checkpoint"),
+    (["eval", "--model_path", "{ckpt}"], "gptrain.evaluate.load_model"),
+    (["export", "--model_path", "{ckpt}", "--out", "{tmp}/hf"], "gptrain.export.load_model"),
 ], ids=["prepare", "train", "generate", "eval", "export"])
 def test_a_real_bug_keeps_its_traceback(command, internal, world, tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):

@@ -16,6 +16,7 @@ import torch
 
 from gptrain.checkpoint import load_checkpoint, load_model
 from gptrain.config import load_config
+from gptrain.model import GPT
 from gptrain.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -320,3 +321,47 @@ def test_a_signal_to_one_rank_stops_every_rank_and_each_knows_which(tmp_path):
                                           start_method="spawn")
     assert sorted(results.get(timeout=10) for _ in range(2)) == [(0, False, True, "SIGUSR1"),
                                                                  (1, False, True, "SIGUSR1")]
+
+
+INITIAL_WEIGHTS = """
+import sys, torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from gptrain.config import load_config
+from gptrain.model import GPT
+from gptrain.distributed import dist_info, init_distributed, parallelize, place_whole
+from gptrain.model import GPT
+
+config = load_config(sys.argv[2:])
+info = dist_info()
+init_distributed(info, "gloo", torch.device("cpu"), 60)
+with torch.device("meta"):
+    model = GPT(config.model_config())
+parallelize(model, config, info, torch.device("cpu"), torch.float32,
+            fill=lambda m: m.init_weights(config.seed, place=place_whole))
+whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if info.is_main:
+    torch.save(whole, sys.argv[1])
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("switches", [[], ["pos_emb=rope", "norm=rmsnorm", "mlp=swiglu", "tie_embeddings=false"]],
+                         ids=["gpt2", "modern"])
+def test_initial_weights_do_not_depend_on_the_world_size_or_sharding(switches, tmp_path):
+    """Built on the meta device, sharded, then drawn whole parameter by parameter: FSDP over 2 processes
+    starts from exactly the weights of one process (n_layer=3 and vocab 65: shards of uneven sizes)."""
+    script = tmp_path / "initial_weights.py"
+    script.write_text(INITIAL_WEIGHTS)
+    settings = [*RUN, "n_layer=3", "vocab_size=65", "data_dir=.", *switches]
+    run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+            str(tmp_path / "fsdp.pt"), "parallelism=fsdp", *settings])
+    sharded = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    config = load_config(settings)
+    with torch.device("meta"):
+        alone = GPT(config.model_config())
+    alone.to_empty(device="cpu")
+    alone.init_weights(config.seed)
+    assert sharded.keys() == alone.state_dict().keys()
+    for name, tensor in alone.state_dict().items():
+        assert torch.equal(sharded[name], tensor), name
+    assert sharded["transformer.h.0.attn.c_attn.weight"].std() > 0.01  # drawn, not left at zero

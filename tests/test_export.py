@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gptrain import export
+from gptrain import export, hf
 from gptrain.checkpoint import RunRecord, load_checkpoint, save_checkpoint
 from gptrain.config import GPTConfig
 from gptrain.data import DataError, read_meta
@@ -304,11 +304,11 @@ def test_a_llama_trained_here_and_exported_trains_again(capsys, tmp_path, tiny_c
     assert after[6] < after[3] < after[0]
     saved = load_checkpoint(tmp_path / "tuned" / "ckpt.pt")
     assert saved.progress.step == 6 and saved.record.tokenizer == read_meta(char_data)["tokenizer"]
-    assert {k: saved["model_config"][k] for k in ("pos_emb", "norm", "mlp", "bias")} == {
+    assert {k: getattr(saved.model_config, k) for k in ("pos_emb", "norm", "mlp", "bias")} == {
         "pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
 
 
 def test_every_model_setting_is_either_mapped_or_refused():
-    """A new GPTConfig switch must say in export.py whether Hugging Face has its equivalent."""
-    grouped = {*export.MAPPED, *export.INIT_ONLY, *export.MUST_BE_OFF, *export.TARGETS["GPT-2"]}
+    """A new GPTConfig switch must say in hf.py whether Hugging Face has its equivalent."""
+    grouped = {*hf.MAPPED, *hf.INIT_ONLY, *hf.MUST_BE_OFF, *hf.TARGETS["GPT-2"]}
     assert grouped == {f.name for f in fields(GPTConfig)}
