@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import deque
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from tqdm import tqdm
 from gptrain.config import ConfigError, TrainConfig
 from gptrain.distributed import DistInfo
 from gptrain.extras import require
+from gptrain.files import atomic_write_text, remove_temporaries
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak per GPU, TFLOP/s, from the vendors' datasheets.
 # Matched in order against torch.cuda.get_device_name(), so the more specific names come first.
@@ -88,9 +88,8 @@ class MetricsLogger:
         path, kept = out_dir / "metrics.jsonl", []
         if resume_step is not None:
             kept = _records_before(path, resume_step)
-            tmp = path.with_name(f".{path.name}.tmp")  # replaced in one rename: a crash now loses nothing
-            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-            os.replace(tmp, path)
+            remove_temporaries(path)  # left by a run killed while rewriting it
+            atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))  # a crash now loses nothing
         self.jsonl = open(path, "a" if resume_step is not None else "w")
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported late: it takes a second

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -37,12 +37,14 @@ from tqdm import tqdm
 
 from gptrain import sources
 from gptrain.errors import UserError, command
+from gptrain.files import atomic_write, atomic_write_text, publish, remove_temporaries
 from gptrain.sources import Corpus, CorpusError, Document
 from gptrain.tokenizer import CharTokenizer, Tokenizer, check_spec, from_meta, get_tokenizer
 
 CHUNK_CHARS = 4 << 20  # text per worker task: large enough to amortize pickling, small enough for RAM
 SPLITS = ("train", "val")
 PROGRESS = "prepare-progress.json"  # in --out_dir while a run is unfinished: how far its .tmp files are valid
+METADATA = ("meta.json", "meta.pkl", "tokenizer.json")  # written once the token files are complete
 CHECKPOINT_SECONDS = 10.0  # how often that record is updated (each time costs an fsync)
 
 
@@ -180,16 +182,6 @@ def _tokenize_chunk(chunk: list[tuple[str, str, bool]]) -> tuple[dict, dict[str,
     return stats, ids
 
 
-def _write_atomic(path: Path, write: Callable) -> None:
-    """Write via a temporary name, fsync, then rename: `path` exists only when complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class PartialOutput:
     """`train.bin.tmp` and `val.bin.tmp` being appended to, and a progress record to resume from.
 
@@ -259,7 +251,7 @@ class PartialOutput:
             f.flush()
             os.fsync(f.fileno())
         record = {"settings": self.settings, "chunks": self.chunks, "stats": self.stats}
-        _write_atomic(self.out_dir / PROGRESS, lambda f: f.write(json.dumps(record).encode()))
+        atomic_write_text(self.out_dir / PROGRESS, json.dumps(record))
         self.saved_at = time.monotonic()
 
     def discard(self) -> None:
@@ -380,16 +372,16 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _finish(out_dir: Path, meta: dict, tokenizer: Tokenizer) -> None:
     """Rename the complete token files into place, then write the metadata, meta.json last: whoever sees
-    meta.json can trust everything it describes."""
-    for split in SPLITS:
-        os.replace(out_dir / f"{split}.bin.tmp", out_dir / f"{split}.bin")
+    meta.json can trust everything it describes. Each step is on disk before the next starts."""
+    for split in SPLITS:  # PartialOutput.finish has synced their data
+        publish(out_dir / f"{split}.bin.tmp", out_dir / f"{split}.bin")
     if "tokenizer_json" in meta["tokenizer"]:  # a trained or hub tokenizer, also beside the data for other tools
-        _write_atomic(out_dir / "tokenizer.json", lambda f: f.write(meta["tokenizer"]["tokenizer_json"].encode()))
+        atomic_write_text(out_dir / "tokenizer.json", meta["tokenizer"]["tokenizer_json"])
     pickled = dict(meta)
     if isinstance(tokenizer, CharTokenizer):  # the keys nanoGPT's sample.py looks for
         pickled.update(stoi=tokenizer.stoi, itos=dict(enumerate(tokenizer.chars)))
-    _write_atomic(out_dir / "meta.pkl", lambda f: pickle.dump(pickled, f))
-    _write_atomic(out_dir / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write(out_dir / "meta.pkl", lambda f: pickle.dump(pickled, f))
+    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1))
     (out_dir / PROGRESS).unlink()  # last: a run killed before this is unfinished, and the next rebuilds
 
 
@@ -415,6 +407,8 @@ def prepare(args: argparse.Namespace) -> dict | None:
     # Only now that the input and settings have passed: from here on old files no longer look finished.
     for name in ("meta.json", "meta.pkl"):
         (out_dir / name).unlink(missing_ok=True)
+    for name in (*METADATA, PROGRESS):
+        remove_temporaries(out_dir / name)  # what a run killed while writing one left
 
     # Partial output is reusable only by a run that would cut and tokenize the corpus identically.
     settings = {

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import multiprocessing
+import os
 import pickle
 import re
 import signal
@@ -98,7 +99,7 @@ def interrupt(monkeypatch, *argv: str, recorded: int = 3, killed: int = 6) -> No
     for name in ("train.bin.tmp", "val.bin.tmp"):
         with open(out / name, "ab") as f:
             f.write(b"\xff\xff\xff")  # above any id: max_id and the bytes show whether it was cut away
-    (out / (prepare.PROGRESS + ".tmp")).write_bytes(b'{"settin')
+    (out / f".{prepare.PROGRESS}.k1ll3d.tmp").write_bytes(b'{"settin')  # as atomic_write names its temporary
 
 
 def many_chunks(kind: str, root: Path, monkeypatch) -> Path:
@@ -243,6 +244,29 @@ def test_a_run_killed_while_writing_its_metadata_is_rebuilt(tmp_path):
     (tmp_path / "out" / prepare.PROGRESS).write_text('{"settings": {}, "chunks": 1, "stats": {}}')
     run(*args, "--out_dir", str(tmp_path / "out"))
     assert same_bytes(tmp_path / "out", tmp_path / "whole")
+
+
+def test_each_output_is_on_disk_before_the_next_is_named(tmp_path, monkeypatch):
+    """The token files' renames, then the metadata's, each followed by an fsync of the directory, so that
+    after a power cut a meta.json never describes .bin files that are not there."""
+    out, events, replace, fsync = tmp_path / "out", [], os.replace, os.fsync
+
+    def record_replace(src, dst) -> None:
+        replace(src, dst)
+        events.append(Path(dst).name)
+
+    def record_fsync(fd: int) -> None:
+        fsync(fd)
+        if os.path.samestat(os.fstat(fd), os.stat(out)):
+            events.append("sync")
+
+    monkeypatch.setattr(os, "replace", record_replace)
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    run("--input", str(SHAKESPEARE_PATH), "--tokenizer", "char", "--out_dir", str(out))
+    named = [e for e in events if e != prepare.PROGRESS]  # the record, written every few seconds, comes and goes
+    while "sync" in named[:1]:
+        named.pop(0)
+    assert named == ["train.bin", "sync", "val.bin", "sync", "meta.pkl", "sync", "meta.json", "sync"]
 
 
 @pytest.mark.parametrize("kind", ["datasets", "jsonl", "parquet", "txt_dir"])
