@@ -418,7 +418,8 @@ def _drop_exclusive(merged: DictConfig, given: dict[str, tuple[str, Any]], sourc
 
 
 def load_config(args: list[str], default_yaml: Path | None = DEFAULT_YAML) -> TrainConfig:
-    """Layer the dataclass defaults, default.yaml, YAML files named in `args`, then `key=value` overrides."""
+    """Layer the dataclass defaults, default.yaml, YAML files named in `args`, then `key=value` overrides;
+    a layer that sets one key of an EXCLUSIVE pair drops the other from the layers before it."""
     merged = OmegaConf.structured(TrainConfig)
     given: dict[str, tuple[str, Any]] = {}  # (source, value) of each setting the user's files and arguments set
     problems = []

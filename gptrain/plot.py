@@ -129,9 +129,9 @@ def draw(runs: dict[str, dict[str, Series]], out: str | Path, title: str | None 
     fig = figure.Figure(figsize=(6.5 * len(panels), 4.5), layout="tight")
     axes = fig.subplots(1, len(panels), squeeze=False, sharex=True)[0]  # one token range: panels line up
     colours = [f"C{i % 10}" for i in range(len(runs))]
-    for ax, (name, ylabel, keys) in zip(axes, panels):
+    for ax, (name, ylabel, plotted) in zip(axes, panels):
         for colour, metrics in zip(colours, runs.values()):
-            for metric in keys:
+            for metric in plotted:
                 if metric not in metrics or metric.unless in metrics:
                     continue
                 s = metrics[metric]
