@@ -7,6 +7,7 @@ run) then sees the previous file or the new one, never a truncated one.
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Callable
@@ -53,3 +54,11 @@ def sync_directory(directory: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_temporaries(path: str | Path) -> None:
+    """Delete the temporary files that writers of `path` killed mid-write left beside it (a write that ends,
+    even by an exception, leaves none): for a command that owns `path`, when it starts writing there again."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        tmp.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ from gptrain.device import resolve_device
 from gptrain.errors import UserError, command
 from gptrain.hf import export, target
 from gptrain.extras import require
+from gptrain.files import atomic_write_text
 
 
 class HarnessError(UserError):
@@ -157,9 +158,8 @@ def main(argv: list[str] | None = None) -> None:
             raise reason from e
     results["config"]["model_args"] = {"model_path": str(args.model_path)}  # not the deleted temporary directory
     output = Path(args.output) if args.output else Path(args.model_path).with_suffix(".harness.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2, default=lm_eval.utils.handle_non_serializable,
-                                 ensure_ascii=False) + "\n")
+    atomic_write_text(output, json.dumps(results, indent=2, default=lm_eval.utils.handle_non_serializable,
+                                         ensure_ascii=False) + "\n")
     print(lm_eval.utils.make_table(results))
     if "groups" in results:
         print(lm_eval.utils.make_table(results, "groups"))

@@ -19,9 +19,9 @@ import yaml  # PyYAML comes with omegaconf
 
 from gptrain.errors import UserError, command
 from gptrain.extras import require
+from gptrain.metrics import METRICS, PLOT_PANELS, POINTS, SMOOTHED, STEP, TOKENS
 
-TRAIN_LOSS = ("train/loss", "eval/train_loss")  # the per-step loss; else the evaluated one
-VAL_LOSS, VAL_BPB = "val/loss", "val/bpb"
+LOSSES = [metric for metric in METRICS if metric.panel == "loss"]  # a run must have one of them to be plotted
 
 
 class PlotError(UserError):
@@ -77,15 +77,15 @@ def load_run(run_dir: str | Path) -> dict[str, Series]:
                 continue
             try:
                 record = json.loads(line)
-                step = int(record["step"])
+                step = int(record[STEP])
             except (ValueError, KeyError, TypeError):
                 raise PlotError(f"{path}:{line_number} is not a JSON record with a step") from None
-            tokens = record.get("tokens")
+            tokens = record.get(TOKENS)
             if tokens is None:
                 per_step = per_step or tokens_per_step(_read_config(run_dir))
                 tokens = step * per_step
             for key, value in record.items():
-                if key in ("step", "tokens") or not isinstance(value, (int, float)):
+                if key in (STEP, TOKENS) or not isinstance(value, (int, float)):
                     continue
                 series = points.setdefault(key, [])
                 while series and series[-1][0] >= step:  # a resume logs these steps again
@@ -113,14 +113,14 @@ def _tokens_label(x: float, _position=None) -> str:
 
 
 def draw(runs: dict[str, dict[str, Series]], out: str | Path, title: str | None = None) -> None:
-    """Write one PNG: train and val loss against tokens seen, one colour per run; and a panel of val bits
-    per byte when any run logged it."""
+    """Write one PNG: a panel for each of PLOT_PANELS that some run has a metric of (train and val loss; val
+    bits per byte), each metric against tokens seen, one colour per run."""
     figure = require("matplotlib.figure", "plot", "gptrain plot", error=PlotError)
     ticker = require("matplotlib.ticker", "plot", "gptrain plot", error=PlotError)
 
-    panels = [("loss", "loss (nats per token)", (*TRAIN_LOSS, VAL_LOSS))]
-    if any(VAL_BPB in metrics for metrics in runs.values()):
-        panels.append(("val bits per byte", "bits per byte", (VAL_BPB,)))
+    panels = [(name, ylabel, [metric for metric in METRICS if metric.panel == name])
+              for name, ylabel in PLOT_PANELS.items()]
+    panels = [panel for panel in panels if any(m in metrics for m in panel[2] for metrics in runs.values())]
     tokens = np.concatenate([s.tokens for metrics in runs.values() for s in metrics.values()])
     positive = tokens[tokens > 0]
     log_x = positive.size > 0 and positive.max() / positive.min() > 100  # spans orders of magnitude
@@ -129,18 +129,18 @@ def draw(runs: dict[str, dict[str, Series]], out: str | Path, title: str | None 
     fig = figure.Figure(figsize=(6.5 * len(panels), 4.5), layout="tight")
     axes = fig.subplots(1, len(panels), squeeze=False, sharex=True)[0]  # one token range: panels line up
     colours = [f"C{i % 10}" for i in range(len(runs))]
-    for ax, (name, ylabel, keys) in zip(axes, panels):
+    for ax, (name, ylabel, plotted) in zip(axes, panels):
         for colour, metrics in zip(colours, runs.values()):
-            for key in keys:
-                if key not in metrics or (key == TRAIN_LOSS[1] and TRAIN_LOSS[0] in metrics):
+            for metric in plotted:
+                if metric not in metrics or metric.unless in metrics:
                     continue
-                s = metrics[key]
+                s = metrics[metric]
                 keep = s.tokens > 0 if log_x else np.ones_like(s.tokens, dtype=bool)  # log x cannot show 0
                 x, y = s.tokens[keep], s.value[keep]
-                if key in TRAIN_LOSS:
-                    ax.plot(x, smooth(y) if key == TRAIN_LOSS[0] else y, color=colour, linewidth=0.8, alpha=0.7)
-                else:
+                if metric.style == POINTS:
                     ax.plot(x, y, color=colour, linewidth=1.5, marker="o", markersize=3.5)
+                else:
+                    ax.plot(x, smooth(y) if metric.style == SMOOTHED else y, color=colour, linewidth=0.8, alpha=0.7)
         ax.set_title(name)
         ax.set_xlabel("tokens seen")
         ax.set_ylabel(ylabel)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     for run_dir in args.run_dirs:
         name = Path(run_dir).resolve().name
         metrics = load_run(run_dir)
-        if not any(key in metrics for key in (*TRAIN_LOSS, VAL_LOSS)):
+        if not any(metric in metrics for metric in LOSSES):
             raise PlotError(f"{run_dir}/metrics.jsonl holds no train or val loss")
         runs[name if name not in runs else run_dir] = metrics  # two folders of one name: the path as given
     draw(runs, args.out, args.title)

@@ -1,9 +1,9 @@
 """`gptrain prepare`: turn a text corpus into train.bin / val.bin token files plus metadata.
 
 The pipeline, one function each:
-  documents from a source (text files, JSON lines, Parquet, a `datasets` directory or a hub dataset)
-  -> split into train / val -> chunks of ~4 MB of text -> tokenized by worker processes -> appended
-  in order to train.bin.tmp / val.bin.tmp -> renamed, then meta.pkl and last meta.json written.
+  documents from a source (sources.py: text files, JSON lines, Parquet, a `datasets` directory or a hub
+  dataset) -> split into train / val -> chunks of ~4 MB of text -> tokenized by worker processes ->
+  appended in order to train.bin.tmp / val.bin.tmp -> renamed, then meta.pkl and last meta.json written.
 
 The .bin files are raw token ids (uint16 when the vocabulary fits, else uint32), no header, the
 layout nanoGPT reads. Memory stays bounded: the corpus is read lazily and only a few chunks are in
@@ -15,7 +15,6 @@ resumes from there, one with other settings starts over.
 from __future__ import annotations
 
 import argparse
-import codecs
 import errno
 import hashlib
 import itertools
@@ -29,45 +28,28 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from gptrain.errors import UserError, command, not_utf8
-from gptrain.extras import require
+from gptrain import sources
+from gptrain.errors import UserError, command
+from gptrain.files import atomic_write, atomic_write_text, publish, remove_temporaries
+from gptrain.sources import Corpus, CorpusError, Document
 from gptrain.tokenizer import CharTokenizer, Tokenizer, check_spec, from_meta, get_tokenizer
 
 CHUNK_CHARS = 4 << 20  # text per worker task: large enough to amortize pickling, small enough for RAM
-PIECE_BYTES = 1 << 20  # a large text file is read and tokenized in pieces of about this size
-TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 SPLITS = ("train", "val")
 PROGRESS = "prepare-progress.json"  # in --out_dir while a run is unfinished: how far its .tmp files are valid
+METADATA = ("meta.json", "meta.pkl", "tokenizer.json")  # written once the token files are complete
 CHECKPOINT_SECONDS = 10.0  # how often that record is updated (each time costs an fsync)
-
-# A document is an iterable of text pieces (one string, or a large file read piece by piece).
-Document = Iterable[str]
 
 
 class PrepareError(UserError):
     """A problem with the user's input or environment; `main` prints it as one line and exits 2."""
-
-
-@dataclass
-class Corpus:
-    description: str  # recorded in metadata and used in messages
-    documents: Callable[[], Iterator[Document]]  # a fresh pass over the corpus each call
-    single_file: Path | None = None  # one text file: hold out its tail rather than whole documents
-    num_docs: int | None = None  # for the progress bar, when the source knows it
-    text_bytes: int | None = None  # rough size of the text, for the disk-space check
-    version: str = ""  # changes when local files change, so a stale partial run is not resumed
-
-
-def _files_version(paths: Iterable[Path]) -> str:
-    return json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,159 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------------------------------------
-# Sources: each yields documents lazily, so no source is ever held in memory whole.
-
-
-def _text_pieces(path: Path, start: int = 0, end: int | None = None) -> Iterator[str]:
-    """Yield bytes [start, end) of a UTF-8 file as text pieces of about PIECE_BYTES.
-
-    Pieces are cut after a newline with non-space on both sides: there GPT-2-style pre-tokenizers
-    split anyway, so tokenizing piece by piece gives the same ids as tokenizing the whole file. A file
-    with no such newline (CRLF line ends, one long line) is read whole into one piece.
-    """
-    end = path.stat().st_size if end is None else end
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    carry = ""
-    with open(path, "rb") as f:
-        f.seek(start)
-        offset = start
-        while offset < end:
-            block = f.read(min(PIECE_BYTES, end - offset))
-            offset += len(block)
-            try:
-                text = carry + decoder.decode(block, final=offset >= end)
-            except UnicodeDecodeError as e:  # e.object is the decoder's held-back bytes plus this block
-                raise PrepareError(not_utf8(str(path), e, offset - len(e.object) + e.start)) from None
-            cut = len(text) if offset >= end else _safe_cut(text, len(carry) - 1)
-            if cut:
-                yield text[:cut]
-            carry = text[cut:]
-
-
-def _safe_cut(text: str, start: int) -> int:
-    """Index just after the last newline from `start` on flanked by non-space characters, or 0 if none.
-
-    The caller has found the newlines before `start` unsafe already; looking at them again would rescan
-    a text with no safe cut at all (CRLF line ends, one long line) in full for every piece read.
-    """
-    start = max(start, 1)  # a newline at 0 has no known character before it
-    i = text.rfind("\n", start, len(text) - 1)  # nor has one at the end a known character after it
-    while i > 0 and (text[i - 1].isspace() or text[i + 1].isspace()):
-        i = text.rfind("\n", start, i)
-    return i + 1 if i > 0 else 0
-
-
-def _jsonl_documents(path: Path, column: str) -> Iterator[Document]:
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[column]
-            except ValueError as e:  # also UnicodeDecodeError
-                raise PrepareError(f"{path}:{lineno}: not valid UTF-8 JSON ({e})") from None
-            except (KeyError, TypeError):
-                raise PrepareError(f"{path}:{lineno}: no {column!r} field (set --text_column)") from None
-            yield (_check_text(text, f"{path}:{lineno}"),)
-
-
-def _parquet_documents(path: Path, column: str) -> Iterator[Document]:
-    import pyarrow.parquet as pq  # open_corpus has checked that it is installed
-
-    table = pq.ParquetFile(path)
-    if column not in table.schema_arrow.names:
-        raise PrepareError(f"{path}: no {column!r} column (has {table.schema_arrow.names}; set --text_column)")
-    for batch in table.iter_batches(columns=[column], batch_size=1024):
-        try:
-            texts = batch.column(0).to_pylist()
-        except UnicodeDecodeError:
-            raise PrepareError(f"{path}: invalid UTF-8 in column {column!r}") from None
-        for text in texts:
-            yield (_check_text(text, str(path)),)
-
-
-def _dataset_documents(ds, column: str) -> Iterator[Document]:
-    for batch in ds.select_columns([column]).iter(batch_size=1024):
-        for text in batch[column]:
-            yield (_check_text(text, "dataset"),)
-
-
-def _check_text(text, where: str) -> str:
-    if isinstance(text, bytes):
-        try:
-            return text.decode("utf-8")
-        except UnicodeDecodeError:
-            raise PrepareError(f"{where}: invalid UTF-8 text") from None
-    if not isinstance(text, str):
-        raise PrepareError(f"{where}: expected text, found {type(text).__name__}")
-    return text
-
-
-def _file_documents(paths: list[Path], column: str) -> Iterator[Document]:
-    """Documents of local files: a whole .txt file each, or one per JSON line / Parquet row."""
-    for path in paths:
-        if path.suffix == ".txt":
-            if path.stat().st_size:
-                yield _text_pieces(path)
-        elif path.suffix == ".jsonl":
-            yield from _jsonl_documents(path, column)
-        else:
-            yield from _parquet_documents(path, column)
-
-
-def _dataset_corpus(ds, description: str, column: str, version: str = "") -> Corpus:
-    if ds.column_names is not None and column not in ds.column_names:
-        raise PrepareError(f"{description} has no {column!r} column (has {ds.column_names}; set --text_column)")
-    num_docs = len(ds) if hasattr(ds, "__len__") else None
-    size = ds.data.nbytes if hasattr(ds, "data") else ds.info.dataset_size
-    documents = lambda: _dataset_documents(ds, column)  # noqa: E731
-    return Corpus(description, documents, num_docs=num_docs, text_bytes=size, version=version)
-
-
 def open_corpus(args: argparse.Namespace) -> Corpus:
-    """Resolve --input / --dataset into a Corpus, failing early on paths or columns that do not exist."""
+    """The corpus --dataset or --input names."""
     if args.dataset:
-        datasets = require("datasets", "data", "--dataset", error=PrepareError)
-        try:
-            ds = datasets.load_dataset(
-                args.dataset, args.config, split=args.split, streaming=args.streaming, cache_dir=args.cache_dir,
-                num_proc=None if args.streaming else args.num_proc,
-            )
-        except Exception as e:  # the hub raises many types; the user needs the name and the reason
-            raise PrepareError(f"cannot load dataset {args.dataset!r}: {str(e).splitlines()[0]}") from None
-        return _dataset_corpus(ds, args.dataset, args.text_column)
-
-    path = Path(args.input)
-    if not path.exists():
-        raise PrepareError(f"--input {path} does not exist")
-    if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
-        datasets = require("datasets", "data", f"--input {path} (a saved dataset)", error=PrepareError)
-        ds = datasets.load_from_disk(str(path))
-        if hasattr(ds, "keys"):  # a DatasetDict saved whole
-            if args.split not in ds:
-                raise PrepareError(f"{path} has no split {args.split!r} (has {list(ds)}; set --split)")
-            ds = ds[args.split]
-        return _dataset_corpus(ds, str(path), args.text_column, _files_version(sorted(path.rglob("*.arrow"))))
-
-    if path.is_dir():
-        paths = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
-        if not paths:
-            raise PrepareError(f"{path} holds no {', '.join(TEXT_SUFFIXES)} files")
-    elif path.suffix in TEXT_SUFFIXES:
-        paths = [path]
-    else:
-        raise PrepareError(f"--input {path}: expected a {', '.join(TEXT_SUFFIXES)} file or a directory")
-    unreadable = [p for p in paths if not os.access(p, os.R_OK)]
-    if unreadable:  # found now, not after hours of tokenizing the files before them
-        more = f" and {len(unreadable) - 1} more" if len(unreadable) > 1 else ""
-        raise PrepareError(f"cannot read {unreadable[0]}{more}: permission denied")
-    if any(p.suffix == ".parquet" for p in paths):
-        require("pyarrow.parquet", "data", "reading .parquet files", error=PrepareError)
-    single = paths[0] if len(paths) == 1 and paths[0].suffix == ".txt" else None
-    size = sum(p.stat().st_size for p in paths)
-    documents = lambda: _file_documents(paths, args.text_column)  # noqa: E731
-    return Corpus(str(path), documents, single_file=single, text_bytes=size, version=_files_version(paths))
+        return sources.open_hub(args.dataset, config=args.config, split=args.split, text_column=args.text_column,
+                                streaming=args.streaming, cache_dir=args.cache_dir, num_proc=args.num_proc)
+    return sources.open_local(args.input, split=args.split, text_column=args.text_column)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,14 +114,9 @@ def split_documents(
     train, so both splits exist even for a streamed corpus of unknown length.
     """
     if corpus.single_file is not None:
-        path = corpus.single_file
-        size = path.stat().st_size
-        cut = int(size * (1 - val_fraction))
-        with open(path, "rb") as f:  # move the cut off UTF-8 continuation bytes
-            f.seek(cut)
-            cut += len(list(itertools.takewhile(lambda b: b & 0xC0 == 0x80, f.read(4))))
-        yield "train", _text_pieces(path, 0, cut)
-        yield "val", _text_pieces(path, cut, size)
+        train, val = sources.head_and_tail(corpus.single_file, 1 - val_fraction)
+        yield "train", train
+        yield "val", val
         return
     rng = random.Random(seed)
     for i, doc in enumerate(itertools.islice(corpus.documents(), max_docs)):
@@ -350,16 +180,6 @@ def _tokenize_chunk(chunk: list[tuple[str, str, bool]]) -> tuple[dict, dict[str,
     for split in SPLITS:
         stats[split]["tokens"] = len(ids[split])
     return stats, ids
-
-
-def _write_atomic(path: Path, write: Callable) -> None:
-    """Write via a temporary name, fsync, then rename: `path` exists only when complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class PartialOutput:
@@ -431,7 +251,7 @@ class PartialOutput:
             f.flush()
             os.fsync(f.fileno())
         record = {"settings": self.settings, "chunks": self.chunks, "stats": self.stats}
-        _write_atomic(self.out_dir / PROGRESS, lambda f: f.write(json.dumps(record).encode()))
+        atomic_write_text(self.out_dir / PROGRESS, json.dumps(record))
         self.saved_at = time.monotonic()
 
     def discard(self) -> None:
@@ -550,6 +370,21 @@ def _check_args(args: argparse.Namespace) -> None:
         raise PrepareError("; ".join(problems))
 
 
+def _finish(out_dir: Path, meta: dict, tokenizer: Tokenizer) -> None:
+    """Rename the complete token files into place, then write the metadata, meta.json last: whoever sees
+    meta.json can trust everything it describes. Each step is on disk before the next starts."""
+    for split in SPLITS:  # PartialOutput.finish has synced their data
+        publish(out_dir / f"{split}.bin.tmp", out_dir / f"{split}.bin")
+    if "tokenizer_json" in meta["tokenizer"]:  # a trained or hub tokenizer, also beside the data for other tools
+        atomic_write_text(out_dir / "tokenizer.json", meta["tokenizer"]["tokenizer_json"])
+    pickled = dict(meta)
+    if isinstance(tokenizer, CharTokenizer):  # the keys nanoGPT's sample.py looks for
+        pickled.update(stoi=tokenizer.stoi, itos=dict(enumerate(tokenizer.chars)))
+    atomic_write(out_dir / "meta.pkl", lambda f: pickle.dump(pickled, f))
+    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1))
+    (out_dir / PROGRESS).unlink()  # last: a run killed before this is unfinished, and the next rebuilds
+
+
 def prepare(args: argparse.Namespace) -> dict | None:
     """Run `gptrain prepare`; return the metadata written, or None when the output was already finished."""
     _check_args(args)
@@ -572,13 +407,15 @@ def prepare(args: argparse.Namespace) -> dict | None:
     # Only now that the input and settings have passed: from here on old files no longer look finished.
     for name in ("meta.json", "meta.pkl"):
         (out_dir / name).unlink(missing_ok=True)
+    for name in (*METADATA, PROGRESS):
+        remove_temporaries(out_dir / name)  # what a run killed while writing one left
 
     # Partial output is reusable only by a run that would cut and tokenize the corpus identically.
     settings = {
         "input": corpus.description, "input_files": corpus.version, "split": args.split, "config": args.config,
         "text_column": args.text_column,
         "val_fraction": args.val_fraction, "seed": args.seed, "max_docs": args.max_docs, "dtype": dtype,
-        "chunk_chars": CHUNK_CHARS, "piece_bytes": PIECE_BYTES, "tokenizer": tokenizer.meta(),
+        "chunk_chars": CHUNK_CHARS, "piece_bytes": sources.PIECE_BYTES, "tokenizer": tokenizer.meta(),
     }
     output = PartialOutput(out_dir, settings, dtype)
     chunks = _chunks(split_documents(corpus, args.val_fraction, args.seed, args.max_docs))
@@ -591,35 +428,18 @@ def prepare(args: argparse.Namespace) -> dict | None:
         for split in SPLITS:
             if totals[split]["tokens"] == 0:
                 raise PrepareError(f"the {split} split is empty: {corpus.description} has too little text or documents")
-    except PrepareError:  # the input is at fault (not the disk, whose partial output a rerun resumes): nothing stays
+    except (PrepareError, CorpusError):  # the input is at fault (not the disk, whose partial output a rerun resumes)
         output.discard()
         if created:
             out_dir.rmdir()
         raise
 
     meta = {
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": dtype,
-        "eot_id": tokenizer.eot_id,
-        "tokenizer": tokenizer.meta(),
-        "train": totals["train"],
-        "val": totals["val"],
-        "source": corpus.description,
-        "val_fraction": args.val_fraction,
-        "seed": args.seed,
-        "max_docs": args.max_docs,
+        "vocab_size": tokenizer.vocab_size, "dtype": dtype, "eot_id": tokenizer.eot_id, "tokenizer": tokenizer.meta(),
+        "train": totals["train"], "val": totals["val"], "source": corpus.description,
+        "val_fraction": args.val_fraction, "seed": args.seed, "max_docs": args.max_docs,
     }
-    pickled = dict(meta)
-    if isinstance(tokenizer, CharTokenizer):  # the keys nanoGPT's sample.py looks for
-        pickled.update(stoi=tokenizer.stoi, itos=dict(enumerate(tokenizer.chars)))
-    # Data first, meta.json last: whoever sees meta.json can trust everything it describes.
-    for split in SPLITS:
-        os.replace(out_dir / f"{split}.bin.tmp", out_dir / f"{split}.bin")
-    if "tokenizer_json" in meta["tokenizer"]:  # a trained or hub tokenizer, also beside the data for other tools
-        _write_atomic(out_dir / "tokenizer.json", lambda f: f.write(meta["tokenizer"]["tokenizer_json"].encode()))
-    _write_atomic(out_dir / "meta.pkl", lambda f: pickle.dump(pickled, f))
-    _write_atomic(out_dir / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    (out_dir / PROGRESS).unlink()
+    _finish(out_dir, meta, tokenizer)
     for split in SPLITS:
         tokens, documents = totals[split]["tokens"], totals[split]["documents"]
         print(f"{split}: {tokens:,} tokens, {documents:,} documents -> {out_dir / split}.bin")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptrain import prepare
+from gptrain import prepare, sources
 from gptrain.checkpoint import save_checkpoint
 from gptrain.cli import main as cli
 from gptrain.config import GPTConfig, load_config
@@ -80,7 +80,7 @@ def tensor_file(tmp: Path, world: dict, monkeypatch) -> None:
 def interrupted_prepare(tmp: Path, world: dict, monkeypatch) -> None:
     """{tmp}/prep: a prepare run killed after its third chunk, with a progress record after the second."""
     monkeypatch.setattr(prepare, "CHUNK_CHARS", 2_000)  # the 20 kB corpus in about ten chunks
-    monkeypatch.setattr(prepare, "PIECE_BYTES", 700)  # a single file is read in pieces of this size
+    monkeypatch.setattr(sources, "PIECE_BYTES", 700)  # a single file is read in pieces of this size
     monkeypatch.setattr(prepare, "CHECKPOINT_SECONDS", 1e9)  # records only where `append` below says
     real_append = prepare.PartialOutput.append
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from gptrain.config import (
-    DEFAULT_YAML, ConfigError, TrainConfig, default_yaml_text, load_config, plan_batch, plan_horizon, record_yaml,
+    DEFAULT_YAML, FIELDS, ConfigError, TrainConfig, default_yaml_text, help_text, load_config, plan_batch, plan_horizon,
+    record_yaml,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,3 +150,81 @@ def test_recipe_switches_default_to_gpt2_and_bad_choices_are_one_line():
         "mlp must be one of gelu, relu2, swiglu (got 'geglu'); optimizer must be one of adamw, muon (got 'sgd'); "
         "logit_softcap must be > 0 or null (got -1.0); pos_emb=rope needs an even head size (n_embd / n_head = 9); "
         "decay_fraction must be in (0, 1] (got 0.0)")
+
+
+CHOICE_SETTINGS = [name for name, f in FIELDS.items() if f.metadata["choices"]]
+
+
+@pytest.mark.parametrize("name", CHOICE_SETTINGS)
+def test_a_settings_choices_are_what_validation_help_and_default_yaml_know(name):
+    choices = FIELDS[name].metadata["choices"]
+    for value in choices:
+        assert getattr(load_config([f"{name}={value}"]), name) == value
+    with pytest.raises(ConfigError, match=rf"^{name} must be .*{' or ' if len(choices) == 1 else ', '.join(choices)}"
+                                          r".* \(got 'bogus'\)$"):
+        load_config([f"{name}=bogus"])
+    row = next(line for line in help_text().splitlines() if line.split()[0] == name)
+    comment = next(line for line in default_yaml_text().splitlines() if line.startswith(f"{name}:")).split("# ")[1]
+    for value, meaning in choices.items():
+        listed = f"{value} ({meaning})" if meaning else value
+        assert listed in row and listed in comment
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("batch_size=[1, 2]", "batch_size must be int or auto, got [1, 2]"),
+    ("compile=[1]", "compile must be bool or auto, got [1]"),
+    ("logit_softcap=abc", "logit_softcap must be float or null, got 'abc'"),
+])
+def test_a_type_error_names_the_type_as_declared(arg, message):
+    with pytest.raises(ConfigError, match=re.escape(message + " in command line")):
+        load_config([arg])
+
+
+@pytest.mark.parametrize("yaml_text, args, kept, dropped, note", [
+    ("tokens_per_step: 768\n", ["gradient_accumulation_steps=2"], ("gradient_accumulation_steps", 2),
+     "tokens_per_step", "note: tokens_per_step=768 ({yaml}) dropped for gradient_accumulation_steps=2 (command line)"),
+    ("gradient_accumulation_steps: 4\n", ["tokens_per_step=1024"], ("tokens_per_step", 1024),
+     "gradient_accumulation_steps", "note: gradient_accumulation_steps=4 ({yaml}) dropped for tokens_per_step=1024 "
+                                    "(command line)"),
+    ("gradient_accumulation_steps: 4\n", [], ("gradient_accumulation_steps", 4), "tokens_per_step", ""),  # default.yaml's
+])
+def test_a_later_layer_setting_one_of_a_pair_drops_the_other(tmp_path, capsys, yaml_text, args, kept, dropped, note):
+    (tmp_path / "run.yaml").write_text(yaml_text + "block_size: 64\n")
+    config = load_config([str(tmp_path / "run.yaml"), *args])
+    assert getattr(config, kept[0]) == kept[1] and getattr(config, dropped) is None
+    expected = note.format(yaml=tmp_path / "run.yaml")
+    assert capsys.readouterr().err == (expected + "; a run sets one of the two\n" if note else "")
+
+
+def test_a_pair_set_in_one_layer_stays_an_error_and_only_rank_0_notes(tmp_path, capsys, monkeypatch):
+    (tmp_path / "both.yaml").write_text("tokens_per_step: 1024\ngradient_accumulation_steps: 4\n")
+    with pytest.raises(ConfigError, match="set one of tokens_per_step and gradient_accumulation_steps"):
+        load_config([str(tmp_path / "both.yaml")])
+    monkeypatch.setenv("RANK", "1")
+    config = load_config([str(ROOT / "config" / "shakespeare_char.yaml"), "gradient_accumulation_steps=2"])
+    assert config.gradient_accumulation_steps == 2 and capsys.readouterr().err == ""
+
+
+def test_the_command_lines_accumulation_trains_over_a_yamls_tokens_per_step(char_data, tmp_path):
+    args = ["config/shakespeare_char.yaml", "gradient_accumulation_steps=2", f"data_dir={char_data}",
+            f"out_dir={tmp_path / 'out'}", "max_iters=2", "lr_decay_iters=2", "warmup_iters=0", "eval_iters=1",
+            "device=cpu", "compile=false", "tensorboard=false"]
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert ("note: tokens_per_step=768 (config/shakespeare_char.yaml) dropped for gradient_accumulation_steps=2 "
+            "(command line); a run sets one of the two") in result.stderr.splitlines()
+    assert (tmp_path / "out" / "ckpt.pt").is_file()
+
+
+@pytest.mark.parametrize("name, advice", [
+    ("train_shakespeare_char.py", "use config/shakespeare_char.yaml"),
+    ("finetune_shakespeare.py", "use config/finetune_shakespeare.yaml"),
+    ("train_gpt2.py", "gptrain's default (config/default.yaml)"),
+    ("eval_gpt2_medium.py", "use init_from=gpt2-medium eval_only=true"),
+    ("my_sweep.py", "write its settings as `key: value` lines in a .yaml file"),
+])
+def test_a_nanogpt_config_file_is_refused_by_name_with_its_yaml(name, advice):
+    with pytest.raises(ConfigError) as e:
+        load_config([f"config/{name}", "n_layer=2"])
+    assert str(e.value).startswith(f"config/{name} is a Python config file as nanoGPT's configurator runs them")
+    assert advice in str(e.value) and "\n" not in str(e.value)

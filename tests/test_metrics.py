@@ -5,7 +5,11 @@ import torch
 
 from gptrain.config import GPTConfig, TrainConfig
 from gptrain.distributed import DistInfo
-from gptrain.metrics import MetricsLogger, format_record, peak_flops
+from gptrain.metrics import (
+    ETA_S, EVAL_TRAIN_LOSS, GRAD_NORM, LINE, LR, METRICS, MFU, MS_PER_ITER, OVERFLOW_STEPS, PLOT_PANELS, POINTS, SAMPLE,
+    SKIPPED_STEPS, SMOOTHED, STEP, TOKENS, TOKENS_PER_SEC, TRAIN_LOSS, VAL_BPB, VAL_LOSS, MetricsLogger, format_record,
+    peak_flops,
+)
 from gptrain.model import GPT
 
 
@@ -49,3 +53,47 @@ def test_gpu_names_match_their_own_peak(monkeypatch, name, expected):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(TrainConfig(), torch.device("cuda"), torch.bfloat16) == expected * 1e12
     assert peak_flops(TrainConfig(), torch.device("cuda"), torch.float32) == expected * 1e12 / 2
+
+
+def test_the_console_line_follows_the_table_for_a_full_record():
+    record = {STEP: 10, TOKENS: 5120, TRAIN_LOSS: 2.5, VAL_LOSS: 2.6, EVAL_TRAIN_LOSS: 2.4, LR: 1e-3, GRAD_NORM: 0.5,
+              MS_PER_ITER: 123.44, TOKENS_PER_SEC: 12345.6, MFU: 0.3712, ETA_S: 3671, VAL_BPB: 1.2, SKIPPED_STEPS: 0,
+              OVERFLOW_STEPS: 1, SAMPLE: "ROMEO:\nWhat say'st thou?"}
+    assert format_record(dict(reversed(record.items()))) == (  # the table's order, not the record's
+        "iter 10 | loss 2.5000 | val loss 2.6000 | train loss 2.4000 | lr 1.00e-03 | grad norm 0.50 | 123.4 ms/iter "
+        "| 12,346 tok/s | mfu 37.1% | eta 1h01m\nROMEO:\nWhat say'st thou?")
+
+
+def test_every_sink_names_a_metric_by_its_key(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = TrainConfig(out_dir=str(tmp_path / "out"), log_dir=str(tmp_path / "logs"), run_name="run")
+    logger = MetricsLogger(config, DistInfo())
+    logger.log({STEP: 0, TOKENS: 0, VAL_LOSS: 4.2, VAL_BPB: 1.5, SAMPLE: "hello"})
+    logger.log({STEP: 1, TOKENS: 512, TRAIN_LOSS: 4.0, LR: 1e-3, MFU: None, SKIPPED_STEPS: 0})
+    logger.close()
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [sorted(json.loads(line)) for line in lines] == [
+        ["sample", "step", "tokens", "val/bpb", "val/loss"], ["lr", "mfu", "skipped_steps", "step", "tokens",
+                                                              "train/loss"]]
+    events = EventAccumulator(str(tmp_path / "logs" / "run"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["lr", "skipped_steps", "tokens", "train/loss", "val/bpb", "val/loss"]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 4.0)]
+    assert any(tag.startswith("sample") for tag in events.Tags()["tensors"])  # text, as add_text stores it
+
+
+def test_the_table_is_whole():
+    """Keys unique, every plotted metric in a panel the plot draws, every stand-in standing in for a metric."""
+    assert len(set(METRICS)) == len(METRICS) and all(isinstance(m, str) for m in METRICS)
+    assert {m.panel for m in METRICS} - {None} == set(PLOT_PANELS)
+    assert all(m.style in (SMOOTHED, LINE, POINTS) and m.unless in (None, *METRICS) for m in METRICS)
+
+
+def test_every_key_training_logs_is_in_the_table(tiny_config):
+    from gptrain.train import train
+
+    history = train(tiny_config("max_iters=6", "lr_decay_iters=6", "eval_interval=3", "sample_interval=3"))
+    logged = {key for record in history for key in record}
+    assert SAMPLE in logged and VAL_BPB in logged and logged <= set(METRICS)

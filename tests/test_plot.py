@@ -96,3 +96,24 @@ def test_without_matplotlib_the_error_names_the_extra(tmp_path, capsys, monkeypa
     with pytest.raises(SystemExit) as e:
         plot.main([str(write_run(tmp_path / "run", with_tokens=True))])
     assert e.value.code == 2 and 'pip install "gptrain[plot]"' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bpb, panels", [(False, 1), (True, 2)])
+def test_a_panel_is_drawn_for_each_kind_of_metric_a_run_has(tmp_path, bpb, panels):
+    import matplotlib.image
+
+    run = write_run(tmp_path / "run", with_tokens=True, bpb=bpb)
+    plot.main([str(run), "-o", str(tmp_path / "curves.png")])
+    height, width, _ = matplotlib.image.imread(tmp_path / "curves.png").shape
+    assert (width, height) == (780 * panels, 540)  # 6.5 x 4.5 inches a panel, at 120 dpi
+
+
+def test_the_evaluated_train_loss_is_enough_and_bits_per_byte_alone_is_not(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "tokens": 0, "eval/train_loss": 4.0}) + "\n")
+    plot.main([str(run), "-o", str(tmp_path / "a.png")])
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "tokens": 0, "val/bpb": 1.0}) + "\n")
+    with pytest.raises(SystemExit):
+        plot.main([str(run), "-o", str(tmp_path / "b.png")])
+    assert capsys.readouterr().err == f"error: {run}/metrics.jsonl holds no train or val loss\n"
