@@ -34,7 +34,10 @@ from gptrain.errors import RunError, command
 from gptrain.evaluate import estimate_loss, split_bits_per_byte
 from gptrain.files import atomic_write_text
 from gptrain.hf import hf_checkpoint, is_hf_model
-from gptrain.metrics import MetricsLogger, peak_flops
+from gptrain.metrics import (
+    EVAL_TRAIN_LOSS, ETA_S, GRAD_NORM, LR, MFU, MS_PER_ITER, OVERFLOW_STEPS, SAMPLE, SKIPPED_STEPS, STEP, TOKENS,
+    TOKENS_PER_SEC, TRAIN_LOSS, VAL_BPB, VAL_LOSS, MetricsLogger, peak_flops,
+)
 from gptrain.model import GPT
 from gptrain.optim import build_optimizers, lr_multiplier, set_lr
 from gptrain.plan import summary
@@ -353,10 +356,10 @@ def evaluate(run: Run) -> dict:
     losses = {split: estimate_loss(run.wrapped, sampler, run.config.eval_iters, run.device, run.autocast, run.info)
               for split, sampler in run.eval_batches.items()}
     progress = run.state.progress
-    record = {"step": progress.step, "tokens": progress.tokens_seen, "val/loss": losses["val"],
-              "eval/train_loss": losses["train"]}
+    record = {STEP: progress.step, TOKENS: progress.tokens_seen, VAL_LOSS: losses["val"],
+              EVAL_TRAIN_LOSS: losses["train"]}
     if (bpb := split_bits_per_byte(losses["val"], run.val_meta.get("tokens"), run.val_meta)) is not None:
-        record["val/bpb"] = bpb  # nanoGPT's data records no text bytes
+        record[VAL_BPB] = bpb  # nanoGPT's data records no text bytes
     return record
 
 
@@ -524,12 +527,12 @@ def _evaluate_and_save(run: Run) -> None:
     config, state, progress = run.config, run.state, run.state.progress
     record = _guarding_compile(run, evaluate)
     if config.sample_interval and progress.step % config.sample_interval == 0:
-        record["sample"] = sample(run)
+        record[SAMPLE] = sample(run)
     run.logger.log(record)
-    if not math.isfinite(record["val/loss"]):
-        _diverged(run, f"val loss became {record['val/loss']}")
-    improved = record["val/loss"] < progress.best_val_loss
-    progress.best_val_loss = min(progress.best_val_loss, record["val/loss"])
+    if not math.isfinite(record[VAL_LOSS]):
+        _diverged(run, f"val loss became {record[VAL_LOSS]}")
+    improved = record[VAL_LOSS] < progress.best_val_loss
+    progress.best_val_loss = min(progress.best_val_loss, record[VAL_LOSS])
     if (improved or config.always_save_checkpoint or state.save_pending) and progress.step > state.start_step:
         save(run, best=improved, final=progress.step >= config.max_iters)
 
@@ -545,10 +548,10 @@ def _train_and_log(run: Run, clock: StepClock) -> None:
     _tally(run, outcome, loss, grad_norm)
     if progress.step % config.log_interval == 0 or outcome != "ok":
         loss = mean_across_ranks(loss, run.info).item()  # a CPU-GPU sync point, so only on log steps
-        record = {"step": progress.step, "tokens": progress.tokens_seen,  # seen before this step's
-                  "train/loss": loss, "lr": config.learning_rate * multiplier,  # AdamW's: the norms' and biases'
-                  "grad_norm": grad_norm.item(), "skipped_steps": progress.skipped_steps,
-                  "overflow_steps": progress.overflow_steps}
+        record = {STEP: progress.step, TOKENS: progress.tokens_seen,  # seen before this step's
+                  TRAIN_LOSS: loss, LR: config.learning_rate * multiplier,  # AdamW's: the norms' and biases'
+                  GRAD_NORM: grad_norm.item(), SKIPPED_STEPS: progress.skipped_steps,
+                  OVERFLOW_STEPS: progress.overflow_steps}
         seconds = clock.lap()
         if progress.step > run.state.start_step:  # the first step pays for compilation and warm-up
             record |= _speed(run, seconds)
@@ -560,9 +563,9 @@ def _train_and_log(run: Run, clock: StepClock) -> None:
 def _speed(run: Run, seconds: float) -> dict:
     tokens_per_sec = run.tokens_per_step / seconds
     peak = peak_flops(run.config, run.device, run.dtype)
-    return {"ms_per_iter": 1000 * seconds, "tokens_per_sec": tokens_per_sec,
-            "mfu": run.model.flops_per_token() * tokens_per_sec / (peak * run.info.world_size) if peak else None,
-            "eta_s": seconds * (run.config.max_iters - run.state.progress.step - 1)}  # training time, evals aside
+    return {MS_PER_ITER: 1000 * seconds, TOKENS_PER_SEC: tokens_per_sec,
+            MFU: run.model.flops_per_token() * tokens_per_sec / (peak * run.info.world_size) if peak else None,
+            ETA_S: seconds * (run.config.max_iters - run.state.progress.step - 1)}  # training time, evals aside
 
 
 @command
