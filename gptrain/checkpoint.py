@@ -47,7 +47,7 @@ from gptrain.config import GPTConfig
 from gptrain.data import DataError, read_meta
 from gptrain.distributed import DistInfo
 from gptrain.errors import UserError
-from gptrain.files import atomic_write
+from gptrain.files import atomic_write, publish
 from gptrain.model import GPT
 
 # Wrappers that prefix parameter names: torch.compile (_orig_mod.) and DistributedDataParallel (module.).
@@ -250,7 +250,7 @@ def _point(link: Path, target: Path) -> None:
         shutil.copyfile(target, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-    os.replace(tmp, link)
+    publish(tmp, link)
 
 
 def _numbered(out_dir: Path) -> list[tuple[int, Path]]:
@@ -260,7 +260,10 @@ def _numbered(out_dir: Path) -> list[tuple[int, Path]]:
 
 def _prune(out_dir: Path, keep_last_n: int, newest: int) -> None:
     """Drop numbered checkpoints older than the newest keep_last_n, those newer than `newest` (and a ckpt-best.pt
-    among them: left by a run since resumed from an earlier one), then the DCP folders no remaining file names."""
+    among them: left by a run since resumed from an earlier one), then the DCP folders no remaining file names,
+    and what saves killed mid-write left behind."""
+    for leftover in out_dir.glob(".ckpt*.tmp"):  # the temporary file of a save killed mid-write
+        leftover.unlink(missing_ok=True)
     numbered, best = _numbered(out_dir), out_dir / "ckpt-best.pt"
     kept = [p for step, p in numbered if step <= newest][-keep_last_n:]
     if best.exists() and any(step > newest and best.samefile(p) for step, p in numbered):

@@ -197,3 +197,14 @@ def test_a_run_killed_at_random_moments_ends_as_the_run_never_killed(tiny_args, 
     assert whole.progress.step == resumed.progress.step == end
     for name, tensor in whole.tensors["model"].items():
         assert torch.equal(tensor, resumed.tensors["model"][name]), name
+
+
+def test_a_save_clears_what_a_save_killed_mid_write_left(tmp_path):
+    """SIGKILL skips the cleanup a failing save does: its temporary file (checkpoint-sized) stays until the
+    next save removes it."""
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=8))
+    leftovers = [tmp_path / ".ckpt-000002.pt.k1ll3d.tmp", tmp_path / ".ckpt.pt.tmp"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half a checkpoint")
+    save_checkpoint(tmp_path, model=model, progress=Progress(step=3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000003.pt", "ckpt.pt"]
