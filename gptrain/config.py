@@ -25,7 +25,8 @@ PARALLELISMS = ("ddp", "fsdp")
 DEVICES = ("cpu", "cuda", "mps")  # each may take an index, cuda:1
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu"),
            "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"), "dtype": DTYPE_NAMES,
-           "parallelism": PARALLELISMS, "backend": ("nccl", "gloo"), "on_save_error": ("stop", "retry")}
+           "parallelism": PARALLELISMS, "backend": ("nccl", "gloo"), "on_save_error": ("stop", "retry"),
+           "muon_dtype": ("auto", "float32", "bfloat16")}
 GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's, from the Hugging Face hub (init_from)
 
 
@@ -112,6 +113,8 @@ class TrainConfig(GPTConfig):
     head_lr: Optional[float] = setting(None, "peak learning rate of an untied output head; null = learning_rate")
     muon_lr: float = setting(0.02, "peak learning rate of Muon's matrices (optimizer=muon)")
     muon_momentum: float = setting(0.95, "Muon's Nesterov momentum")
+    muon_dtype: str = setting("auto", "Muon's Newton-Schulz in auto (bfloat16 where the device multiplies it "
+                                      "natively, else float32) | float32 | bfloat16")
     max_iters: Union[int, str] = setting(
         600000, "optimizer steps in the whole run; auto = tokens_per_param x parameters / tokens_per_step"
     )

@@ -281,7 +281,9 @@ def _summary(run: Run, dataset_tokens: int) -> str:
         f"of activations per process, of {_size(memory)}B on {run.device}",
         f"run        {config.max_iters:,} steps = {_size(total_tokens)} tokens = "
         f"{total_tokens / dataset_tokens:,.2f} epochs of {dataset_tokens:,} training tokens; learning rate "
-        f"{config.learning_rate:.1e}" + (f" (Muon {config.muon_lr:.1e})" if config.optimizer == "muon" else "")
+        f"{config.learning_rate:.1e}" + (f" (Muon {config.muon_lr:.1e}, Newton-Schulz in "
+                                         f"{str(run.optimizers[-1].dtype).removeprefix('torch.')})"
+                                         if config.optimizer == "muon" else "")
         + f", warm-up {config.warmup_iters:,}"
         + _schedule(config),
         f"system     device {run.device}, dtype {str(run.dtype).removeprefix('torch.')}, "
