@@ -8,7 +8,9 @@ hold), one Muon step timed at a time, the median in ms. torch.optim.Muon iterate
 matrix at a time; gptrain's batches the matrices of a shape and iterates in the dtype given. Then the
 same in a subprocess with ONEDNN_MAX_CPU_ISA=AVX2, which keeps oneDNN below AVX512-BF16 (it reads the
 variable once, when it starts): bfloat16 matmuls are then emulated, as on a CPU without AVX512-BF16 or
-AMX (issue 27: 7x slower than float32 on a 2-core AMD EPYC). Not part of the test suite.
+AMX (issue 27: 7x slower than float32 on a 2-core AMD EPYC). On a machine busy with other work, run with
+OMP_NUM_THREADS=1: two threads on two shared cores spend most of a step waiting for each other. Not part
+of the test suite.
 """
 
 import argparse

@@ -4,8 +4,8 @@ import sys
 import pytest
 import torch
 
-from gptrain.config import ConfigError
 from gptrain import device as device_module
+from gptrain.config import ConfigError
 from gptrain.device import autocast, keep_freed_host_memory, native_bfloat16, resolve_device, resolve_dtype
 
 

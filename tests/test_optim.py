@@ -141,8 +141,11 @@ def test_our_muon_takes_the_steps_of_torchs(dtype, torch_muon_in_float32):
 def test_a_muon_state_resumes_in_torchs_muon_and_back(torch_muon_in_float32):
     """The same state layout: saved after 2 steps by one, loaded by the other, the next 2 steps are the same."""
     first, then = gradients(steps=2, seed=1), gradients(steps=2, seed=2)
+
+    def make(kind: type) -> torch.optim.Optimizer:
+        return kind(matrices(), **SETTINGS, **({"dtype": torch.float32} if kind is Muon else {}))
+
     for saver, loader in [(Muon, torch.optim.Muon), (torch.optim.Muon, Muon)]:
-        make = lambda kind: kind(matrices(), **SETTINGS, **({"dtype": torch.float32} if kind is Muon else {}))  # noqa: E731
         saved = make(saver)
         weights = take_steps(saved, first, torch_muon_in_float32)
         resumed = make(loader)
