@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from gptrain.config import ConfigError, TrainConfig
-from gptrain.device import native_bfloat16
+from gptrain.device import DTYPES, native_bfloat16
 
 
 def param_role(name: str, p: nn.Parameter) -> str:
@@ -69,7 +69,7 @@ def muon_dtype(name: str, device: torch.device) -> torch.dtype:
     emulated: 7x slower than float32 on a CPU without AVX512-BF16, most of a quick start's step."""
     if name == "auto":
         return torch.bfloat16 if native_bfloat16(device) else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return DTYPES[name]
 
 
 # Keller Jordan's quintic Newton-Schulz (the coefficients maximise the slope at zero), as torch.optim.Muon has them
