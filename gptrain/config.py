@@ -118,6 +118,9 @@ class TrainConfig(GPTConfig):
     head_lr: Optional[float] = setting(None, "peak learning rate of an untied output head; null = learning_rate")
     muon_lr: float = setting(0.02, "peak learning rate of Muon's matrices (optimizer=muon)")
     muon_momentum: float = setting(0.95, "Muon's Nesterov momentum")
+    muon_dtype: str = setting("auto", "dtype of Muon's Newton-Schulz iterations",
+                              {"auto": "bfloat16 where the device multiplies it natively, else float32",
+                               "float32": "", "bfloat16": ""})
     max_iters: Union[int, str] = setting(
         600000, "optimizer steps in the whole run", {"auto": "tokens_per_param x parameters / tokens_per_step"}
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import subprocess
 import sys
@@ -15,6 +16,10 @@ import torch
 from gptrain.config import DEVICES, ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPUINFO = Path("/proc/cpuinfo")
+# oneDNN's instruction sets below AVX512_CORE_BF16, the first with a bfloat16 dot product: a cap of
+# ONEDNN_MAX_CPU_ISA at one of these makes oneDNN emulate bfloat16 matmuls on any CPU
+ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
 def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
@@ -40,6 +45,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         # V100s and T4s only emulate bf16, slowly; they get float16 with a gradient scaler
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return DTYPES[name]
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware: a GPU with bfloat16 tensor cores, or a
+    CPU with AVX512-BF16 or AMX (that oneDNN may use). Elsewhere bfloat16 is emulated, slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu" or os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ISAS_WITHOUT_BF16:
+        return False
+    try:
+        flags = set(CPUINFO.read_text().split())
+    except OSError:  # not Linux: no flags to read, so no claim of native bfloat16
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:

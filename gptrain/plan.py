@@ -11,6 +11,7 @@ from gptrain.config import TrainConfig
 from gptrain.distributed import DistInfo
 from gptrain.metrics import peak_flops
 from gptrain.model import GPT
+from gptrain.optim import muon_dtype
 
 
 def summary(config: TrainConfig, model: GPT, info: DistInfo, *, device: torch.device, dtype: torch.dtype,
@@ -32,8 +33,7 @@ def summary(config: TrainConfig, model: GPT, info: DistInfo, *, device: torch.de
         _memory(config, model, info, device=device, dtype=dtype),
         f"run        {config.max_iters:,} steps = {size(total_tokens)} tokens = "
         f"{total_tokens / dataset_tokens:,.2f} epochs of {dataset_tokens:,} training tokens; learning rate "
-        f"{config.learning_rate:.1e}" + (f" (Muon {config.muon_lr:.1e})" if config.optimizer == "muon" else "")
-        + f", warm-up {config.warmup_iters:,}" + _schedule(config),
+        f"{config.learning_rate:.1e}" + _muon(config, device) + f", warm-up {config.warmup_iters:,}" + _schedule(config),
         f"system     device {device}, dtype {str(dtype).removeprefix('torch.')}, "
         f"compile {str(config.compile).lower()}, seed {config.seed}",
     ])
@@ -50,6 +50,13 @@ def _memory(config: TrainConfig, model: GPT, info: DistInfo, *, device: torch.de
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     return (f"memory     about {size(state_bytes)}B of weights, gradients and AdamW state + {size(activation_bytes)}B "
             f"of activations per process, of {size(memory)}B on {device}")
+
+
+def _muon(config: TrainConfig, device: torch.device) -> str:
+    if config.optimizer != "muon":
+        return ""
+    dtype = str(muon_dtype(config.muon_dtype, device)).removeprefix("torch.")
+    return f" (Muon {config.muon_lr:.1e}, Newton-Schulz in {dtype})"
 
 
 def _schedule(config: TrainConfig) -> str:

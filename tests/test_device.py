@@ -4,8 +4,9 @@ import sys
 import pytest
 import torch
 
+from gptrain import device as device_module
 from gptrain.config import ConfigError
-from gptrain.device import autocast, keep_freed_host_memory, resolve_device, resolve_dtype
+from gptrain.device import autocast, keep_freed_host_memory, native_bfloat16, resolve_device, resolve_dtype
 
 
 def test_auto_picks_the_cpu_and_float32_without_an_accelerator(monkeypatch):
@@ -23,6 +24,34 @@ def test_each_process_under_torchrun_takes_its_own_gpu(monkeypatch):
 def test_auto_dtype_on_gpus_without_native_bf16_is_float16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+
+
+@pytest.mark.parametrize("flags, isa_cap, native", [
+    ("fpu sse4_2 avx2 fma", None, False),  # an AMD EPYC without AVX-512: bfloat16 matmuls 7x slower than float32
+    ("avx2 avx512f avx512bw", None, False),  # AVX-512 without its bfloat16 dot product
+    ("avx512f avx512_bf16", None, True),
+    ("avx512f avx512_bf16 amx_bf16 amx_tile", None, True),
+    ("avx512f avx512_bf16 amx_bf16 amx_tile", "avx2", False),  # oneDNN told to stop below AVX512_CORE_BF16
+    ("avx512f avx512_bf16 amx_bf16 amx_tile", "AVX512_CORE_AMX", True),
+])
+def test_native_bfloat16_on_a_cpu_follows_its_flags_and_onednns_cap(flags, isa_cap, native, tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(device_module, "CPUINFO", cpuinfo)
+    if isa_cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa_cap)
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert native_bfloat16(torch.device("cpu")) is native
+
+
+def test_native_bfloat16_on_gpus_needs_bf16_tensor_cores(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert not native_bfloat16(torch.device("cuda"))  # emulated only: a V100 or T4
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert native_bfloat16(torch.device("cuda"))
+    monkeypatch.setattr(device_module, "CPUINFO", tmp_path / "absent")  # not Linux: no flags, no claim
+    assert not native_bfloat16(torch.device("cpu")) and not native_bfloat16(torch.device("mps"))
 
 
 def test_asking_for_a_missing_gpu_is_a_clear_error(monkeypatch):

@@ -1,9 +1,12 @@
+import copy
+from contextlib import contextmanager, nullcontext
+
 import pytest
 import torch
 
 from gptrain.config import ConfigError, TrainConfig, load_config
 from gptrain.model import GPT
-from gptrain.optim import build_optimizers, lr_multiplier, set_lr
+from gptrain.optim import Muon, build_optimizers, lr_multiplier, set_lr
 
 
 def tiny_model(**overrides) -> GPT:
@@ -77,3 +80,121 @@ def test_a_muon_update_of_a_hidden_matrix_is_orthogonal():
     rank = int((gradient > 1e-4 * gradient[0]).sum())  # LayerNorm's output has no mean: rank 63, not 64
     assert rank == 63 and gradient[0] / gradient[rank - 1] > 6
     assert step[:rank].min() > 0.6 and step[:rank].max() < 1.25, step
+
+
+
+needs_torch_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon is new in torch 2.9")
+# tall, wide and square, two of a shape batched together, and rows that 2 processes share unevenly (4 and 3)
+SHAPES = [(24, 8), (8, 24), (16, 16), (24, 8), (8, 24), (7, 12)]
+SETTINGS = {"lr": 0.1, "weight_decay": 0.05, "momentum": 0.9}
+
+
+def matrices() -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in SHAPES]
+
+
+def gradients(steps: int, seed: int) -> list[list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(shape, generator=generator) for shape in SHAPES] for _ in range(steps)]
+
+
+def take_steps(optimizer: torch.optim.Optimizer, grads: list[list[torch.Tensor]], context=nullcontext) -> list:
+    """The parameters after one step per list of gradients."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for step_grads in grads:
+        for p, grad in zip(params, step_grads):
+            p.grad = grad.clone()
+        with context():
+            optimizer.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.fixture
+def torch_muon_in_float32(monkeypatch):
+    """A context in which torch.optim.Muon iterates in float32: its one cast to bfloat16 becomes a cast
+    to float32, the rest of its code as it is."""
+    @contextmanager
+    def context():
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "bfloat16", torch.Tensor.float)
+            yield
+
+    return context
+
+
+@needs_torch_muon
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_our_muon_takes_the_steps_of_torchs(dtype, torch_muon_in_float32):
+    grads = gradients(steps=4, seed=1)
+    ours = take_steps(Muon(matrices(), **SETTINGS, dtype=dtype), grads)
+    theirs = take_steps(torch.optim.Muon(matrices(), **SETTINGS), grads,
+                        torch_muon_in_float32 if dtype == torch.float32 else nullcontext)
+    start = matrices()
+    # float32: to its rounding; bfloat16: within a rounding of each of the 4 steps (update entries within about 1)
+    tolerance = {"rtol": 1.3e-6, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": 4 * 0.1 * 2**-8}
+    for mine, reference, before in zip(ours, theirs, start):
+        torch.testing.assert_close(mine - before, reference - before, **tolerance)
+
+
+@needs_torch_muon
+def test_a_muon_state_resumes_in_torchs_muon_and_back(torch_muon_in_float32):
+    """The same state layout: saved after 2 steps by one, loaded by the other, the next 2 steps are the same."""
+    first, then = gradients(steps=2, seed=1), gradients(steps=2, seed=2)
+
+    def make(kind: type) -> torch.optim.Optimizer:
+        return kind(matrices(), **SETTINGS, **({"dtype": torch.float32} if kind is Muon else {}))
+
+    for saver, loader in [(Muon, torch.optim.Muon), (torch.optim.Muon, Muon)]:
+        saved = make(saver)
+        weights = take_steps(saved, first, torch_muon_in_float32)
+        resumed = make(loader)
+        for p, w in zip(resumed.param_groups[0]["params"], weights):
+            p.data.copy_(w)
+        resumed.load_state_dict(copy.deepcopy(saved.state_dict()))  # as from a file: no tensor shared
+        assert resumed.state_dict()["param_groups"] == saved.state_dict()["param_groups"]
+        assert all(state.keys() == {"momentum_buffer"} for state in resumed.state_dict()["state"].values())
+        for mine, reference in zip(take_steps(resumed, then, torch_muon_in_float32),
+                                   take_steps(saved, then, torch_muon_in_float32)):
+            torch.testing.assert_close(mine, reference)
+
+
+def test_muon_batches_by_shape_as_it_would_one_at_a_time():
+    """Two matrices of each shape orthogonalised in one batched product, as each alone in a group of its own."""
+    grads = gradients(steps=3, seed=1)
+    batched = take_steps(Muon(matrices(), **SETTINGS, dtype=torch.float32), grads)
+    alone = take_steps(Muon([{"params": [p]} for p in matrices()], **SETTINGS, dtype=torch.float32), grads)
+    for together, apart in zip(batched, alone):
+        torch.testing.assert_close(together, apart)
+
+
+def _muon_under_fsdp(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    module = torch.nn.ParameterList(matrices())
+    fully_shard(module, mesh=init_device_mesh("cpu", (2,)))  # each rank keeps its rows of each matrix
+    optimizer = Muon(module.parameters(), **SETTINGS, dtype=torch.float32)
+    for step_grads in gradients(steps=3, seed=1):
+        for p, grad in zip(module.parameters(), step_grads):
+            p.grad = distribute_tensor(grad, p.device_mesh, p.placements)
+        optimizer.step()
+    whole = [p.full_tensor().tolist() for p in module.parameters()]
+    if rank == 0:
+        results.put(whole)
+    dist.destroy_process_group()
+
+
+def test_muon_under_fsdp_takes_the_one_process_step(tmp_path):
+    """Each rank's rows of the whole matrix's update, not its rows orthogonalised apart."""
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    torch.multiprocessing.start_processes(_muon_under_fsdp, args=(str(tmp_path / "init"), results), nprocs=2,
+                                          start_method="spawn")
+    sharded = results.get(timeout=60)
+    one_process = take_steps(Muon(matrices(), **SETTINGS, dtype=torch.float32), gradients(steps=3, seed=1))
+    for got, want in zip(sharded, one_process):
+        torch.testing.assert_close(torch.tensor(got), want)
