@@ -9,16 +9,20 @@ from gptrain.config import load_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def char_data(tmp_path_factory) -> Path:
-    """The first 200 kB of tiny-shakespeare, prepared by the real `gptrain prepare` at character level."""
+def prepare_char_data(root: Path) -> Path:
+    """The first 200 kB of tiny-shakespeare, prepared by the real `gptrain prepare` at character level
+    into root/data (deterministic: tests/fixtures/make_fixtures.py trains on the same)."""
     from gptrain.prepare import main as prepare
 
-    root = tmp_path_factory.mktemp("shakespeare_char")
     corpus = root / "input.txt"
     corpus.write_text((ROOT / "data" / "tinyshakespeare.txt").read_text()[:200_000])
     prepare(["--input", str(corpus), "--tokenizer", "char", "--out_dir", str(root / "data")])
     return root / "data"
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory) -> Path:
+    return prepare_char_data(tmp_path_factory.mktemp("shakespeare_char"))
 
 
 @pytest.fixture
