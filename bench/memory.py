@@ -14,6 +14,10 @@ would never show pages piling up; OpenWebText's train.bin is 17 GB). Then, side 
             only at the start and the end), reading VmRSS, RssAnon and RssFile of the process from /proc
             and the part of RssFile that is train.bin's pages (from smaps) as it logs step 0 and every
             gcd(--steps) steps; then the ratio of RSS at the last of --steps to the first.
+  sharding: (--sharding, instead of the above) the peak RSS of GPT-2 124M training on the CPU, 2 steps
+            with the final save, on one process and per rank of FSDP on 2 processes, at --blocks context
+            lengths: what sharding saves, and what it costs. `--tree DIR` runs another checkout (an older
+            commit, for a before and after).
 Run with OMP_NUM_THREADS=1 on a machine busy with other work: two threads on two shared cores spend
 most of their time waiting for each other. Linux only (/proc). Not part of the test suite.
 """
@@ -153,6 +157,41 @@ def bench_training(data: Path, work: Path, steps: list[int]) -> None:
           f"{readings[last]['train.bin'] / train_bin.stat().st_size:.0%}; median {np.median(step_ms):.1f} ms per step")
 
 
+# The peak RSS of the largest process a command starts, after it ends: RUSAGE_CHILDREN counts torchrun's
+# workers too, as torchrun waits for them. One interpreter per command, so the peaks never mix.
+PEAK = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "sys.exit(done.stderr[-3000:]) if done.returncode else "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)")
+
+
+def peak_rss_mib(command: list[str], cwd: Path) -> int:
+    done = subprocess.run([sys.executable, "-c", PEAK, *command], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(cwd)})
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed: {done.stderr}")
+    return int(done.stdout.split()[-1])
+
+
+def bench_sharding(work: Path, tree: Path, blocks: list[int]) -> None:
+    """GPT-2 124M (the default config) on GPT-2 tokens of tiny-shakespeare: 2 steps of 2 sequences, one
+    micro-batch of one sequence each (so one process runs two, each FSDP rank one), evaluated at the start
+    and the end, then saved."""
+    data = work / "gpt2_data"
+    if not (data / "meta.json").is_file():
+        subprocess.run([sys.executable, "-m", "gptrain.cli", "prepare", "--input", str(ROOT / "data" / "tinyshakespeare.txt"),
+                        "--tokenizer", "gpt2", "--out_dir", str(data)], cwd=ROOT, check=True)
+    print(f"\nsharding: {tree}, GPT-2 124M, peak RSS of the largest process")
+    print(f"{'block_size':>10}{'1 process':>12}{'FSDP, 2 ranks':>16}{'ratio':>8}")
+    for block in blocks:
+        common = [f"data_dir={data}", f"log_dir={work / 'logs'}", "max_iters=2", "eval_interval=2", "eval_iters=1",
+                  f"block_size={block}", f"tokens_per_step={2 * block}", "batch_size=1", "warmup_iters=0",
+                  "device=cpu", "dtype=float32", "compile=false", "tensorboard=false"]
+        one = peak_rss_mib([sys.executable, "train.py", *common, f"out_dir={work / 'one'}"], tree)
+        fsdp = peak_rss_mib([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                             *common, f"out_dir={work / 'fsdp'}", "parallelism=fsdp"], tree)
+        print(f"{block:>10}{one:>8} MiB{fsdp:>12} MiB{fsdp / one:>8.2f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, nargs="+", default=[500, 5000], help="steps at which RSS is compared, "
@@ -160,9 +199,15 @@ def main() -> None:
     p.add_argument("--size_gb", type=float, default=2.0, help="size of the generated train.bin (default: 2)")
     p.add_argument("--batches", type=int, default=5000, help="micro-batches each way of drawing them (default: 5000)")
     p.add_argument("--work_dir", default=tempfile.gettempdir(), help="where the data and the run's output go")
+    p.add_argument("--sharding", action="store_true", help="only the peak RSS of one process against FSDP's ranks")
+    p.add_argument("--blocks", type=int, nargs="+", default=[256, 1024], help="--sharding's context lengths")
+    p.add_argument("--tree", default=str(ROOT), help="--sharding: the checkout to run (default: this one)")
     args = p.parse_args()
 
     work = Path(args.work_dir) / "gptrain-bench-memory"
+    if args.sharding:
+        bench_sharding(work, Path(args.tree).resolve(), args.blocks)
+        return
     data = work / "data"
     write_data(data, args.size_gb)
     warm_page_cache(data / "train.bin")

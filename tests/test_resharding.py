@@ -14,14 +14,7 @@ STOP, END = 3, 6  # stopped at step 3 of 6
 # its dropout masks (drawn per micro-batch), is the same on every world size. The schedule ends at
 # lr_decay_iters, so a run stopped early takes the same learning rates.
 SETTINGS = ["tokens_per_step=384", "batch_size=2", f"max_iters={END}", f"lr_decay_iters={END}"]
-OPTIMIZER = {"adamw": [], "muon": MUON}
-# (loss, weight) tolerances where a resumed run cannot equal the uninterrupted one within 1e-5: Muon under
-# FSDP orthogonalises its update with another rounding on each number of shards (test_distributed), so the
-# steps run on another layout part from the reference. Twice the largest difference measured: tighten them
-# to 1e-5 once Muon computes the same update however the matrices are sharded.
-MEASURED = {("muon", "fsdp", 1): (2e-5, 1.2e-3),  # measured 7.6e-6 and 5.7e-4
-            ("muon", "fsdp", 3): (3e-5, 2e-3),  # 1.3e-5 and 8.5e-4
-            ("muon", "ddp", 3): (1e-4, 2e-2)}  # 4.9e-5 and 9.6e-3, the steps before the stop on DDP's whole matrices
+OPTIMIZER = {"adamw": [], "muon": MUON}  # Muon in float32: its step the same on any number of shards
 
 
 def launch(run_dir: Path, char_data: Path, parallelism: str, processes: int, *extra: str) -> None:
@@ -68,4 +61,4 @@ def test_a_run_stopped_on_2_processes_resumes_as_fsdp_on_any_number(saved_by, pr
     ranks (or DDP's full file) loaded into 1, 2 or 3, the AdamW moments and Muon's momentum with them."""
     shutil.copytree(stopped(optimizer, saved_by) / "out", tmp_path / "out")
     launch(tmp_path, char_data, "fsdp", processes, "init_from=resume", *OPTIMIZER[optimizer])
-    assert_same_run(tmp_path, uninterrupted(optimizer), *MEASURED.get((optimizer, saved_by, processes), (1e-5, 1e-5)))
+    assert_same_run(tmp_path, uninterrupted(optimizer), 1e-5, 1e-5)
