@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from gptrain import tokenizer as tokenizers
-from gptrain.config import GPTConfig
+from gptrain.config import ConfigError, GPTConfig
 from gptrain.data import DataError, read_meta
 from gptrain.distributed import DistInfo
 from gptrain.errors import UserError
@@ -124,7 +124,7 @@ class Checkpoint:
         (rotary positions are computed for any length)."""
         if self.model_config.pos_emb == "learned":
             if block_size > self.model_config.block_size:
-                raise CheckpointError(f"block_size={block_size} is larger than the {self.model_config.block_size} "
+                raise ConfigError(f"block_size={block_size} is larger than the {self.model_config.block_size} "
                                       f"learned positions of {self.path}; set block_size <= {self.model_config.block_size}")
             if self.shards is not None:
                 raise CheckpointError(f"{self.path} is sharded, and its position table cannot be cropped to "
