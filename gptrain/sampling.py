@@ -7,11 +7,18 @@ in a batch, batched decoding with the KV cache, and turning tokens into text as 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from gptrain.model import GPT, KVCache
+
+# Rows of a decoding step for which W @ x.T beats x @ W.T on the CPU: MKL's GEMM for a "skinny" right-hand
+# side. bench/generate.py measures both (its "skinny products" line); outside this range it did not pay.
+SKINNY_ROWS = range(8, 33)
 
 
 def nucleus(logits: torch.Tensor, top_p: float | None) -> torch.Tensor:
@@ -52,12 +59,53 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         # keep only the k candidates: the rest of the work then costs O(k) per row, not O(vocabulary)
         logits, ids = torch.topk(logits, top_k, dim=-1)
     probs = torch.softmax(nucleus(logits.float() / temperature, top_p), dim=-1)
-    if generators is None:
-        choice = torch.multinomial(probs, num_samples=1)
-    else:
-        assert len(generators) == len(probs), f"{len(generators)} generators for {len(probs)} rows"
-        choice = torch.stack([torch.multinomial(row, num_samples=1, generator=g) for row, g in zip(probs, generators)])
+    choice = inverse_cdf(probs, uniforms(len(probs), generators, probs.device))
     return choice if ids is None else ids.gather(-1, choice)
+
+
+def uniforms(n: int, generators: Sequence[torch.Generator] | None, device: torch.device) -> torch.Tensor:
+    """(n, 1) uniform draws from [0, 1): one from each row's own generator (a tiny op each, on the
+    generator's device, so nothing waits for the GPU), or all from torch's global one."""
+    if generators is None:
+        return torch.rand(n, 1, device=device)
+    assert len(generators) == n, f"{len(generators)} generators for {n} rows"
+    return torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators]).to(device)[:, None]
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """For each row of (B, V) probabilities, the first token whose cumulative probability passes u times
+    the row's total: a draw from the row, for all rows in one vectorised search. A token of probability 0
+    is never drawn."""
+    cdf = probs.cumsum(dim=-1)
+    choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    # u < 1, yet u times the total can round up to the total: stay at the last token with any probability
+    last = probs.size(-1) - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1, keepdim=True)
+    return torch.minimum(choice, last)
+
+
+class SkinnyProducts(TorchFunctionMode):
+    """Within it, a float32 linear layer on the CPU with a few rows of input (SKINNY_ROWS) computes
+    W @ x.T rather than x @ W.T: the same product, which MKL computes faster in that orientation when x
+    has few rows (every decoding step: B rows of one token). The model's code stays as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return (_linear if func is F.linear else func)(*args, **(kwargs or {}))
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (x, weight))  # no DTensor, no fakes
+    rows = x.numel() // x.size(-1)
+    if not (plain and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and rows in SKINNY_ROWS):
+        return F.linear(x, weight, bias)
+    columns = x.reshape(rows, -1).T
+    y = torch.mm(weight, columns) if bias is None else torch.addmm(bias[:, None], weight, columns)
+    return y.T.reshape(*x.shape[:-1], weight.size(0))
+
+
+def decoding_products(device: torch.device) -> AbstractContextManager:
+    """SkinnyProducts on the CPU; elsewhere nothing (a GPU's GEMMs need no help)."""
+    return SkinnyProducts() if device.type == "cpu" else nullcontext()
 
 
 def mask_padding(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
@@ -82,13 +130,14 @@ def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
     block_size = model.config.block_size
     cache = None
     for _ in range(max_new_tokens):
-        if not use_cache:
-            logits, _ = model(idx[:, -block_size:])
-        elif cache is None or cache.length >= block_size:
-            cache = KVCache(model.config)
-            logits, _ = model(idx[:, -block_size:], cache=cache)
-        else:
-            logits, _ = model(idx[:, -1:], cache=cache)
+        with decoding_products(idx.device):  # around the forward only: the caller runs between the yields
+            if not use_cache:
+                logits, _ = model(idx[:, -block_size:])
+            elif cache is None or cache.length >= block_size:
+                cache = KVCache(model.config)
+                logits, _ = model(idx[:, -block_size:], cache=cache)
+            else:
+                logits, _ = model(idx[:, -1:], cache=cache)
         token = sample_next(mask_padding(logits[:, -1, :], vocab_limit), temperature, top_k, top_p, generators)
         idx = torch.cat([idx, token], dim=1)
         yield token

@@ -141,20 +141,19 @@ def test_echo_and_logprobs_score_a_prompt_as_lm_eval_harness_asks(url):
 
 def test_concurrent_requests_decode_together(server, monkeypatch):
     """16 requests at once, each with its own length: all succeed, each reads as it does alone, and they
-    decode in one batch, 16 rows a step."""
+    decode in one batch: 16 rows a step, as many steps as the longest needs, each row-step one token of a
+    request. (What that gains in wall time is bench/serve.py's to measure, not a test's.)"""
     url, app = server
     engine = app.state.engine
     prompts = [f"{name}:" for name in ("ROMEO", "JULIET", "KING", "QUEEN")] * 4
     bodies = [{"prompt": p, "max_tokens": 60 + 4 * i, "temperature": 0.0 if i % 2 else 0.9, "seed": i}
               for i, p in enumerate(prompts)]
-    started = time.perf_counter()
     alone = [complete(url, **body)["choices"][0]["text"] for body in bodies]
-    one_after_another = time.perf_counter() - started
 
-    # The engine admits nothing until all 16 are queued, so that how fast the clients' requests arrive on a
+    # The engine feeds no prompt until all 16 are queued, so that how fast the clients' requests arrive on a
     # busy machine cannot decide how many rows decode together; each step's batch size is recorded.
     submitted, all_queued, batches = [], threading.Event(), []
-    submit, admit, begin_step = engine.submit, engine._admit, RowCache.begin_step
+    submit, prefill_step, begin_step = engine.submit, engine._prefill_step, RowCache.begin_step
 
     def counting_submit(requests):
         submit(requests)
@@ -162,31 +161,29 @@ def test_concurrent_requests_decode_together(server, monkeypatch):
         if len(submitted) >= len(bodies):
             all_queued.set()
 
-    def waiting_admit(request, prefills):
-        assert all_queued.wait(timeout=30), "the 16 requests did not all arrive"
-        admit(request, prefills)
+    def waiting_prefill_step():
+        all_queued.wait(timeout=60)  # on the engine's thread: no assert here, the results below tell
+        prefill_step()
 
     def recording_begin_step(cache, batch):
         batches.append(batch)
         begin_step(cache, batch)
 
     monkeypatch.setattr(engine, "submit", counting_submit)
-    monkeypatch.setattr(engine, "_admit", waiting_admit)
+    monkeypatch.setattr(engine, "_prefill_step", waiting_prefill_step)
     monkeypatch.setattr(RowCache, "begin_step", recording_begin_step)
 
     async def all_at_once() -> list[dict]:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             responses = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
         assert all(r.status_code == 200 for r in responses)
         return [r.json() for r in responses]
 
-    started = time.perf_counter()
     together = asyncio.run(all_at_once())
-    at_once = time.perf_counter() - started
     assert [r["choices"][0]["text"] for r in together] == alone
-    assert at_once < one_after_another / 2, (at_once, one_after_another)  # 16 take less than 8 alone would
     assert max(batches) == 16, f"rows per decode step: {batches}"
     assert len(batches) <= 1 + max(b["max_tokens"] for b in bodies)  # one step per token, not per request
+    assert sum(batches) == sum(b["max_tokens"] - 1 for b in bodies)  # each prompt's forward gives its first
 
 
 def test_a_prompt_whose_prefill_fails_fails_alone_and_the_server_carries_on(server, monkeypatch):
