@@ -318,7 +318,7 @@ class Engine:
         """One forward over the next n tokens of a prefill, into its cache."""
         start = prefill.fed
         ids = torch.tensor([prefill.tokens[start:start + n]], device=self.device)
-        with decoding_products(self.device):
+        with decoding_products(ids):
             if not prefill.scores:
                 logits, _ = self.model(ids, cache=prefill.cache)
             else:  # targets make the model return every position's logits; the loss is not used
@@ -370,7 +370,7 @@ class Engine:
         batch = len(self.rows)
         self.cache.begin_step(batch)
         inputs = torch.tensor([request.tokens[-1] for request in self.rows], device=self.device)[:, None]
-        with decoding_products(self.device):
+        with decoding_products(inputs):
             logits, _ = self.model(inputs, cache=self.cache)
         logits = mask_padding(logits[:, -1, :], self.tokenizer.vocab_size)
         leaving = []

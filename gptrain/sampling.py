@@ -103,9 +103,11 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return y.T.reshape(*x.shape[:-1], weight.size(0))
 
 
-def decoding_products(device: torch.device) -> AbstractContextManager:
-    """SkinnyProducts on the CPU; elsewhere nothing (a GPU's GEMMs need no help)."""
-    return SkinnyProducts() if device.type == "cpu" else nullcontext()
+def decoding_products(idx: torch.Tensor) -> AbstractContextManager:
+    """SkinnyProducts around a forward over the token ids `idx` on the CPU when its linear layers see few
+    rows; else nothing: the mode looks at every operation, which costs more than it gains elsewhere, and a
+    GPU's GEMMs need no help."""
+    return SkinnyProducts() if idx.device.type == "cpu" and idx.numel() in SKINNY_ROWS else nullcontext()
 
 
 def mask_padding(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
@@ -130,14 +132,14 @@ def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
     block_size = model.config.block_size
     cache = None
     for _ in range(max_new_tokens):
-        with decoding_products(idx.device):  # around the forward only: the caller runs between the yields
-            if not use_cache:
-                logits, _ = model(idx[:, -block_size:])
-            elif cache is None or cache.length >= block_size:
-                cache = KVCache(model.config)
-                logits, _ = model(idx[:, -block_size:], cache=cache)
-            else:
-                logits, _ = model(idx[:, -1:], cache=cache)
+        if not use_cache:
+            x = idx[:, -block_size:]
+        elif cache is None or cache.length >= block_size:
+            x, cache = idx[:, -block_size:], KVCache(model.config)
+        else:
+            x = idx[:, -1:]
+        with decoding_products(x):  # around the forward only: the caller runs between the yields
+            logits, _ = model(x, cache=cache)
         token = sample_next(mask_padding(logits[:, -1, :], vocab_limit), temperature, top_k, top_p, generators)
         idx = torch.cat([idx, token], dim=1)
         yield token

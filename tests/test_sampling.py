@@ -1,9 +1,11 @@
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from gptrain.config import GPTConfig
 from gptrain.model import GPT
-from gptrain.sampling import StreamDecoder, generate_tokens, nucleus, sample_generators, sample_next
+from gptrain.sampling import SkinnyProducts, StreamDecoder, generate_tokens, nucleus, sample_generators, sample_next
 from gptrain.tokenizer import HFTokenizer, get_tokenizer
 
 def kept(logits: torch.Tensor) -> list[int]:
@@ -136,3 +138,34 @@ def test_stream_decoder_keeps_sentencepiece_spaces():
     tok = HFTokenizer("hf:test", sp.to_str(), None)
     ids = tok.encode("hello world the quick brown fox")
     assert "".join(streamed(tok, ids)) == tok.decode(ids) == "hello world the quick brown fox"
+
+
+def test_one_uniform_a_row_draws_each_token_as_often_as_its_probability():
+    """20,000 rows of the same distribution, each drawn from its own generator: the tokens come in proportion
+    to their probabilities (to 1%), and a token of probability 0 never."""
+    probs = torch.tensor([0.5, 0.25, 0.0, 0.125, 0.0625, 0.0625])
+    n = 20_000
+    tokens = sample_next(probs.log().expand(n, -1), 1.0, None, None, sample_generators(n, 0, torch.device("cpu")))
+    share = torch.bincount(tokens.flatten(), minlength=len(probs)) / n
+    assert share[2] == 0 and torch.allclose(share, probs, atol=0.01), share
+
+
+class Calls(TorchFunctionMode):
+    """Records the torch functions called inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rows, skinny", [(1, False), (16, True), (64, False)])
+def test_skinny_products_give_the_linear_layers_result(rows, skinny):
+    layer, x = torch.nn.Linear(32, 48), torch.randn(rows, 1, 32)
+    with Calls() as calls, SkinnyProducts():  # the calls SkinnyProducts makes reach the mode outside it
+        y = layer(x)
+    assert torch.allclose(y, F.linear(x, layer.weight, layer.bias), atol=1e-6)
+    assert (torch.addmm in calls.seen) == skinny and (F.linear in calls.seen) != skinny
