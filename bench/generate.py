@@ -12,9 +12,14 @@ a fixed sentence by --tokens new tokens, prefill included:
   ours, greedy   generate_tokens with the KV cache, one stream, temperature 0
   ours, sampled  one stream sampled as `gptrain generate` does (--temperature, --top_k, a generator per sample)
   ours, batch    --samples streams sampled in one batch, as `gptrain generate --num_samples`
-The two greedy outputs must match token for token. Prints a markdown table with the ratios, the machine and
-the command, for docs/benchmarks.md. On a machine busy with other work, run with OMP_NUM_THREADS=1: two
-threads on two shared cores spend most of their time waiting for each other. Not part of the test suite.
+  ours, batch, plain products   the same with every product as x @ W.T: gptrain.sampling.SKINNY_ROWS
+                 (the rows for which decoding computes W @ x.T instead) emptied for this run
+The two greedy outputs must match token for token. Prints a markdown table with the ratios (the batch's
+tokens/s over one stream's, whose goal is 6x; skinny over plain products, which should be 1.15x or more
+for SKINNY_ROWS to stay as it is), the machine and the command, for docs/benchmarks.md. Run it on both
+kinds of CPU: with native bfloat16 (AVX512-BF16 or AMX) and without (or with ONEDNN_MAX_CPU_ISA=AVX2).
+On a machine busy with other work, run with OMP_NUM_THREADS=1: two threads on two shared cores spend
+most of their time waiting for each other. Not part of the test suite.
 """
 
 import argparse
@@ -25,6 +30,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -32,6 +38,7 @@ from side_by_side import ROOT, describe_machine, median, nanogpt_dir, print_tabl
 
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from gptrain import sampling  # noqa: E402
 from gptrain.config import GPTConfig  # noqa: E402
 from gptrain.sampling import generate_tokens, sample_generators  # noqa: E402
 from gptrain.model import GPT  # noqa: E402
@@ -41,6 +48,7 @@ SEED = 1337
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 GPT2_124M = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=True)
 WARMUP_TOKENS = 8  # one short untimed run of each first: allocator and kernel caches
+SKINNY = f"{sampling.SKINNY_ROWS.start} to {sampling.SKINNY_ROWS.stop - 1}"
 
 
 def nanogpt_model(checkout: Path, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -50,7 +58,8 @@ def nanogpt_model(checkout: Path, weights: dict[str, torch.Tensor]) -> torch.nn.
     nano = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(nano)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
-        model = nano.GPT(nano.GPTConfig(**asdict(GPT2_124M)))
+        shape = {k: v for k, v in asdict(GPT2_124M).items() if k in nano.GPTConfig.__dataclass_fields__}
+        model = nano.GPT(nano.GPTConfig(**shape))  # ours also has the switches of later recipes, all off
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith(".attn.bias")]
     if missing or unexpected:
@@ -65,6 +74,12 @@ def ours(model: GPT, prompt: torch.Tensor, tokens: int, *, samples: int = 1, tem
     steps = generate_tokens(model, prompt.expand(samples, -1), tokens, temperature=temperature, top_k=top_k,
                             generators=generators)
     return torch.cat(list(steps), dim=1)
+
+
+def plain_products(run):
+    """run() with no forward taking the skinny products: what decoding did before them."""
+    with mock.patch.object(sampling, "SKINNY_ROWS", range(0)):
+        return run()
 
 
 def nanogpt(model: torch.nn.Module, prompt: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -106,6 +121,8 @@ def main() -> None:
          lambda n: ours(model, prompt, n, **sampled)),
         (f"ours, {args.samples} samples in one batch, sampled", args.samples, args.repeat,
          lambda n: ours(model, prompt, n, samples=args.samples, **sampled)),
+        (f"ours, {args.samples} samples in one batch, sampled, plain products (x @ W.T)", args.samples, args.repeat,
+         lambda n: plain_products(lambda: ours(model, prompt, n, samples=args.samples, **sampled))),
     ]
     results = []
     for label, streams, repeat, run in runs:
@@ -131,7 +148,10 @@ def main() -> None:
     else:
         check = f"identical for all {args.tokens} new tokens"
     print(f"\n- ours one stream / nanoGPT one stream (greedy): **{speed[1] / speed[0]:.1f}x** tokens/s")
-    print(f"- ours {args.samples} samples / ours one stream (sampled): **{speed[3] / speed[2]:.1f}x** tokens/s")
+    print(f"- ours {args.samples} samples / ours one stream (sampled): **{speed[3] / speed[2]:.1f}x** tokens/s "
+          f"(goal: 6x)")
+    print(f"- {args.samples} samples, skinny products (W @ x.T for {SKINNY} rows) / plain: "
+          f"**{speed[3] / speed[4]:.2f}x** tokens/s (keep them at 1.15x or more)")
     print(f"- greedy output, ours (temperature 0) vs nanoGPT (temperature 1, top_k 1): {check}")
     print(describe_machine(args.nanogpt))
 
