@@ -192,14 +192,16 @@ class RowCache(KVCache):
         assert new == 1 and self.span <= self.block_size, "after its prefill a row grows one token at a time"
         return self.ends[:, None]
 
-    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    def attend(self, layer: int, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
         self.keys[layer][self.indices, :, self.ends] = k[:, :, 0]
         self.values[layer][self.indices, :, self.ends] = v[:, :, 0]
         if self.uneven and self.mask is None:
             hidden = torch.arange(self.span, device=k.device) > self.ends[:, None]
             self.mask = torch.zeros(hidden.shape, dtype=k.dtype, device=k.device).masked_fill_(hidden, float("-inf"))
             self.mask = self.mask[:, None, None, :]  # (batch, heads, query, keys)
-        return self.keys[layer][:self.batch, :, :self.span], self.values[layer][:self.batch, :, :self.span], self.mask, False
+        keys, values = self.keys[layer][:self.batch, :, :self.span], self.values[layer][:self.batch, :, :self.span]
+        return keys, values, self.mask, False
 
     def advance(self, new: int) -> None:
         for row in range(self.batch):

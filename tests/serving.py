@@ -92,7 +92,8 @@ def serve_command(log: Path, *args: str, env: dict | None = None):
     try:
         deadline = time.monotonic() + 120  # importing torch and starlette on a busy machine takes a while
         while "Uvicorn running on" not in log.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, f"gptrain serve did not start:\n{log.read_text()}"
+            started = process.poll() is None and time.monotonic() < deadline
+            assert started, f"gptrain serve did not start:\n{log.read_text()}"
             time.sleep(0.1)
         yield process
     finally:

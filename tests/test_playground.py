@@ -40,7 +40,8 @@ def test_the_playground_streams_a_continuation_on_its_defaults_past_a_short_cont
         length = int(browser.find_element(By.ID, "max_tokens").get_attribute("value"))
         assert length > 64  # the default asks for more than the context holds
         browser.find_element(By.ID, "generate").click()
-        wait.until(lambda b: "tokens in" in b.find_element(By.ID, "status").text or b.find_elements(By.CLASS_NAME, "error"))
+        wait.until(lambda b: "tokens in" in b.find_element(By.ID, "status").text
+                   or b.find_elements(By.CLASS_NAME, "error"))  # then the assert below shows the error
         status = browser.find_element(By.ID, "status").text
         assert status.startswith(f"{length} tokens in"), status
         output = browser.find_element(By.ID, "output")

@@ -46,6 +46,37 @@ def complete(url: str, **body) -> dict:
     return response.json()
 
 
+def post_at_once(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    """Send every completion request at the same moment; their responses, in order."""
+    async def all_at_once() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+    return asyncio.run(all_at_once())
+
+
+def hold_prompts_until_tried(engine: Engine, requests: int, monkeypatch) -> None:
+    """The engine feeds no prompt until `requests` submissions have been tried (taken or refused), so that how
+    fast the clients' requests arrive on a busy machine cannot decide how they are batched or whether they are
+    taken: all arrive before any prompt starts, or finishes and frees its row."""
+    tried, all_tried = [], threading.Event()
+    submit, prefill_step = engine.submit, engine._prefill_step
+
+    def counting_submit(batch):
+        try:
+            submit(batch)
+        finally:
+            tried.append(batch)
+            if len(tried) >= requests:
+                all_tried.set()
+
+    def waiting_prefill_step():
+        all_tried.wait(timeout=60)  # on the engine's thread: no assert here, the results tell
+        prefill_step()
+
+    monkeypatch.setattr(engine, "submit", counting_submit)
+    monkeypatch.setattr(engine, "_prefill_step", waiting_prefill_step)
+
+
 def generated(capsys, checkpoint, prompt: str, *args: str) -> str:
     capsys.readouterr()
     generate(["--model_path", str(checkpoint), "--prompt", prompt, "--device", "cpu", *args])
@@ -151,37 +182,17 @@ def test_concurrent_requests_decode_together(server, monkeypatch):
               for i, p in enumerate(prompts)]
     alone = [complete(url, **body)["choices"][0]["text"] for body in bodies]
 
-    # The engine feeds no prompt until all 16 are queued, so that how fast the clients' requests arrive on a
-    # busy machine cannot decide how many rows decode together; each step's batch size is recorded.
-    submitted, all_queued, batches = [], threading.Event(), []
-    submit, prefill_step, begin_step = engine.submit, engine._prefill_step, RowCache.begin_step
-
-    def counting_submit(requests):
-        submit(requests)
-        submitted.extend(requests)
-        if len(submitted) >= len(bodies):
-            all_queued.set()
-
-    def waiting_prefill_step():
-        all_queued.wait(timeout=60)  # on the engine's thread: no assert here, the results below tell
-        prefill_step()
+    hold_prompts_until_tried(engine, len(bodies), monkeypatch)
+    batches, begin_step = [], RowCache.begin_step
 
     def recording_begin_step(cache, batch):
         batches.append(batch)
         begin_step(cache, batch)
 
-    monkeypatch.setattr(engine, "submit", counting_submit)
-    monkeypatch.setattr(engine, "_prefill_step", waiting_prefill_step)
     monkeypatch.setattr(RowCache, "begin_step", recording_begin_step)
-
-    async def all_at_once() -> list[dict]:
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-            responses = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
-        assert all(r.status_code == 200 for r in responses)
-        return [r.json() for r in responses]
-
-    together = asyncio.run(all_at_once())
-    assert [r["choices"][0]["text"] for r in together] == alone
+    together = post_at_once(url, bodies)
+    assert all(r.status_code == 200 for r in together)
+    assert [r.json()["choices"][0]["text"] for r in together] == alone
     assert max(batches) == 16, f"rows per decode step: {batches}"
     assert len(batches) <= 1 + max(b["max_tokens"] for b in bodies)  # one step per token, not per request
     assert sum(batches) == sum(b["max_tokens"] - 1 for b in bodies)  # each prompt's forward gives its first
@@ -203,12 +214,8 @@ def test_a_prompt_whose_prefill_fails_fails_alone_and_the_server_carries_on(serv
 
     monkeypatch.setattr(model, "forward", forward_out_of_memory_on_boom)
 
-    async def all_at_once() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            return await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
-
     good, failed = [], None
-    for body, response in zip(bodies, asyncio.run(all_at_once())):
+    for body, response in zip(bodies, post_at_once(url, bodies)):
         if body["prompt"] == "BOOM":
             failed = error_of(response, 500)
         else:
@@ -268,31 +275,8 @@ def test_beyond_max_queue_requests_get_429_and_every_accepted_one_is_answered(ch
                   for i, p in enumerate(["ROMEO:", "JULIET:", "KING:", "QUEEN:"] * 3)]
         alone = [complete(url, **body)["choices"][0]["text"] for body in bodies]
 
-        # The engine feeds no prompt until all 12 have been taken or refused, so that none finishes and frees
-        # its place while the others arrive, however slowly they come on a busy machine.
-        tried, all_tried = [], threading.Event()
-        submit, prefill_step = engine.submit, engine._prefill_step
-
-        def counting_submit(requests):
-            try:
-                submit(requests)
-            finally:
-                tried.append(requests)
-                if len(tried) >= len(bodies):
-                    all_tried.set()
-
-        def waiting_prefill_step():
-            all_tried.wait(timeout=60)  # on the engine's thread: no assert here, the results below tell
-            prefill_step()
-
-        monkeypatch.setattr(engine, "submit", counting_submit)
-        monkeypatch.setattr(engine, "_prefill_step", waiting_prefill_step)
-
-        async def all_at_once() -> list[httpx.Response]:
-            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-                return await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
-
-        responses = asyncio.run(all_at_once())
+        hold_prompts_until_tried(engine, len(bodies), monkeypatch)
+        responses = post_at_once(url, bodies)
         too_many = error_of(httpx.post(f"{url}/v1/completions", json={"prompt": "a", "n": 5}), 400)
     taken = [i for i, r in enumerate(responses) if r.status_code == 200]
     refused = [r for r in responses if r.status_code != 200]
