@@ -181,7 +181,7 @@ class RowCache(KVCache):
         """Where one new token in each of the first `batch` rows goes, and what each may see: its own row."""
         lengths = self.lengths[:batch]
         self.batch, self.span = batch, max(lengths) + 1  # the keys any row reads this step, its new one included
-        self.ends = torch.tensor(lengths, device=self.device)  # a copy to the device, which nothing waits for
+        self.ends = torch.tensor(lengths, device=self.device)  # copied while the device is idle: no wait
         self.indices = torch.arange(batch, device=self.device)
         # Rows of one length need no mask, which keeps the GPU's flash kernel; others get an additive one (made
         # at the first layer, in the keys' dtype), which SDPA takes as it is where a boolean one is converted.
@@ -359,10 +359,15 @@ class Engine:
     def _place(self, request: Request, cache: KVCache) -> None:
         """A row for a request prefilled in `cache`; a full cache (only when sliding) is recomputed first."""
         if cache.length == self.block_size:
-            self.prefills.append(Prefill([request], request.context(self.block_size), KVCache(self.model.config)))
+            self._slide(request)
         else:
             self.cache.store(len(self.rows), cache)
             self.rows.append(request)
+
+    def _slide(self, request: Request) -> None:
+        """Recompute the window of a request whose context is full: its last block_size tokens, at positions
+        from 0, as `gptrain generate` does (its row, if it had one, is freed by the caller)."""
+        self.prefills.append(Prefill([request], request.context(self.block_size), KVCache(self.model.config)))
 
     def _decode(self) -> None:
         """Decode one token for every decoding row."""
@@ -379,9 +384,9 @@ class Engine:
         for i, (request, token) in enumerate(zip(self.rows, self._sample(logits, self.rows))):
             if self._accept(request, token, logits[i]):
                 leaving.append(i)
-            elif self.cache.lengths[i] == self.block_size:  # sliding past the context: recompute the window
+            elif self.cache.lengths[i] == self.block_size:  # only when sliding: prompts leave room otherwise
                 leaving.append(i)
-                self.prefills.append(Prefill([request], request.context(self.block_size), KVCache(self.model.config)))
+                self._slide(request)
         self._drop(leaving)
 
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> list[int]:
