@@ -30,7 +30,7 @@ import torch
 
 from gptrain.device import autocast
 from gptrain.model import GPT, KVCache
-from gptrain.sampling import StreamDecoder, decoding_products, mask_padding, sample_next
+from gptrain.sampling import StreamDecoder, mask_padding, sample_next
 
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a row: four batches' worth at the default max_batch_size
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens fed per step: a long prompt stalls the others this much at most
@@ -320,17 +320,16 @@ class Engine:
         """One forward over the next n tokens of a prefill, into its cache."""
         start = prefill.fed
         ids = torch.tensor([prefill.tokens[start:start + n]], device=self.device)
-        with decoding_products(ids):
-            if not prefill.scores:
-                logits, _ = self.model(ids, cache=prefill.cache)
-            else:  # targets make the model return every position's logits; the loss is not used
-                after = prefill.tokens[start + 1:start + n + 1]
-                targets = torch.tensor([after + [-1] * (n - len(after))], device=self.device)
-                logits, _ = self.model(ids, targets, cache=prefill.cache)
-                scored = mask_padding(logits[0, :len(after)], self.tokenizer.vocab_size)
-                logprobs, top = self._logprobs(scored, after, prefill.requests[0].sampling.logprobs)
-                prefill.logprobs += logprobs
-                prefill.top += top
+        if not prefill.scores:
+            logits, _ = self.model(ids, cache=prefill.cache)
+        else:  # targets make the model return every position's logits; the loss is not used
+            after = prefill.tokens[start + 1:start + n + 1]
+            targets = torch.tensor([after + [-1] * (n - len(after))], device=self.device)
+            logits, _ = self.model(ids, targets, cache=prefill.cache)
+            scored = mask_padding(logits[0, :len(after)], self.tokenizer.vocab_size)
+            logprobs, top = self._logprobs(scored, after, prefill.requests[0].sampling.logprobs)
+            prefill.logprobs += logprobs
+            prefill.top += top
         prefill.fed += n
         if prefill.fed == len(prefill.tokens):
             prefill.logits = mask_padding(logits[0, -1], self.tokenizer.vocab_size)
@@ -377,8 +376,7 @@ class Engine:
         batch = len(self.rows)
         self.cache.begin_step(batch)
         inputs = torch.tensor([request.tokens[-1] for request in self.rows], device=self.device)[:, None]
-        with decoding_products(inputs):
-            logits, _ = self.model(inputs, cache=self.cache)
+        logits, _ = self.model(inputs, cache=self.cache)
         logits = mask_padding(logits[:, -1, :], self.tokenizer.vocab_size)
         leaving = []
         for i, (request, token) in enumerate(zip(self.rows, self._sample(logits, self.rows))):

@@ -7,19 +7,11 @@ in a batch, batched decoding with the KV cache, and turning tokens into text as 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from gptrain.model import GPT, KVCache
-
-# Rows of a decoding step for which W @ x.T beats x @ W.T on the CPU: MKL's GEMM for a "skinny" right-hand
-# side. At GPT-2 124M's widths, one thread, x @ W.T took 24, 47, 72, 98 and 66 ms a step for 2, 4, 8, 12 and
-# 16 rows, W @ x.T about 49 for all of them; bench/generate.py measures it end to end ("skinny products").
-SKINNY_ROWS = range(8, 33)
 
 
 def nucleus(logits: torch.Tensor, top_p: float | None) -> torch.Tensor:
@@ -84,33 +76,6 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.minimum(choice, last)
 
 
-class SkinnyProducts(TorchFunctionMode):
-    """Within it, a float32 linear layer on the CPU with a few rows of input (SKINNY_ROWS) computes
-    W @ x.T rather than x @ W.T: the same product, which MKL computes faster in that orientation when x
-    has few rows (every decoding step: B rows of one token). The model's code stays as it is."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return (_linear if func is F.linear else func)(*args, **(kwargs or {}))
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (x, weight))  # no DTensor, no fakes
-    rows = x.numel() // x.size(-1)
-    if not (plain and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and rows in SKINNY_ROWS):
-        return F.linear(x, weight, bias)
-    columns = x.reshape(rows, -1).T
-    y = torch.mm(weight, columns) if bias is None else torch.addmm(bias[:, None], weight, columns)
-    return y.T.reshape(*x.shape[:-1], weight.size(0)).contiguous()  # the layers after it read it row by row
-
-
-def decoding_products(idx: torch.Tensor) -> AbstractContextManager:
-    """SkinnyProducts around a forward over the token ids `idx` on the CPU when its linear layers see few
-    rows; else nothing: the mode looks at every operation, which costs more than it gains elsewhere, and a
-    GPU's GEMMs need no help."""
-    return SkinnyProducts() if idx.device.type == "cpu" and idx.numel() in SKINNY_ROWS else nullcontext()
-
-
 def mask_padding(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
     """Never sample the embedding's padding: ids past the tokenizer's vocabulary, which no text encodes to
     (the vocabulary is rounded up to a multiple of 64 for speed). In place; returns `logits`."""
@@ -134,13 +99,12 @@ def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
     cache = None
     for _ in range(max_new_tokens):
         if not use_cache:
-            x = idx[:, -block_size:]
+            logits, _ = model(idx[:, -block_size:])
         elif cache is None or cache.length >= block_size:
-            x, cache = idx[:, -block_size:], KVCache(model.config)
+            cache = KVCache(model.config)
+            logits, _ = model(idx[:, -block_size:], cache=cache)
         else:
-            x = idx[:, -1:]
-        with decoding_products(x):  # around the forward only: the caller runs between the yields
-            logits, _ = model(x, cache=cache)
+            logits, _ = model(idx[:, -1:], cache=cache)
         token = sample_next(mask_padding(logits[:, -1, :], vocab_limit), temperature, top_k, top_p, generators)
         idx = torch.cat([idx, token], dim=1)
         yield token

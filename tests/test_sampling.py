@@ -1,11 +1,9 @@
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from gptrain.config import GPTConfig
 from gptrain.model import GPT
-from gptrain.sampling import SkinnyProducts, StreamDecoder, generate_tokens, nucleus, sample_generators, sample_next
+from gptrain.sampling import StreamDecoder, generate_tokens, nucleus, sample_generators, sample_next
 from gptrain.tokenizer import HFTokenizer, get_tokenizer
 
 def kept(logits: torch.Tensor) -> list[int]:
@@ -149,23 +147,3 @@ def test_one_uniform_a_row_draws_each_token_as_often_as_its_probability():
     share = torch.bincount(tokens.flatten(), minlength=len(probs)) / n
     assert share[2] == 0 and torch.allclose(share, probs, atol=0.01), share
 
-
-class Calls(TorchFunctionMode):
-    """Records the torch functions called inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.seen.append(func)
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("rows, skinny", [(1, False), (16, True), (64, False)])
-def test_skinny_products_give_the_linear_layers_result(rows, skinny):
-    layer, x = torch.nn.Linear(32, 48), torch.randn(rows, 1, 32)
-    with Calls() as calls, SkinnyProducts():  # the calls SkinnyProducts makes reach the mode outside it
-        y = layer(x)
-    assert torch.allclose(y, F.linear(x, layer.weight, layer.bias), atol=1e-6)
-    assert (torch.addmm in calls.seen) == skinny and (F.linear in calls.seen) != skinny
