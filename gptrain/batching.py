@@ -270,16 +270,17 @@ class Engine:
                     self.rows, self.cache = [], RowCache(self.model, self.max_batch_size)
 
     def _admit(self) -> None:
-        """Give waiting requests the free rows (under the lock): each joins the prefill of the request before
-        it when they share a prompt (the n samples of one), so the prompt is fed once for all of them."""
+        """Give waiting requests the free rows (under the lock): each joins a prefill not yet begun of the same
+        prompt (the n samples of one, or clients asking alike), so the prompt is fed once for all of them."""
         free = self.max_batch_size - len(self.rows) - sum(len(p.requests) for p in self.prefills)
         while free > 0 and self.waiting:
             request = self.waiting.popleft()
             if request.cancelled:
                 continue
             free -= 1
-            if self.prefills and self.prefills[-1].shares(request):
-                self.prefills[-1].requests.append(request)
+            same = next((p for p in self.prefills if p.shares(request)), None)
+            if same is not None:
+                same.requests.append(request)
             else:
                 self.prefills.append(Prefill([request], request.context(self.block_size), KVCache(self.model.config),
                                              scores=request.sampling.echo_logprobs))
