@@ -10,7 +10,8 @@ up short ones for its whole length. Rows hold different numbers of tokens: each 
 position, and a mask hides the cache past each row's end, so a row reads the same as it would alone.
 
 Nothing in a step waits for the device but the one read of the sampled tokens, which must go out to
-their clients as text: rows' lengths are kept on the host, and all rows' draws are one vectorised search.
+their clients as text (and of log-probabilities, where asked for): rows' lengths are kept on the host, and
+all rows' draws are one vectorised search.
 
 A request whose prefill fails (out of memory on a long prompt, say) fails alone; a failed decode step
 fails the rows in it; either way the engine carries on with the next requests. Beyond `max_queue`

@@ -77,6 +77,7 @@ class RequestError(Exception):
         self.param, self.status, self.code = param, status, code
 
     def body(self) -> dict:
+        # OpenAI's types: "requests" is that of its 429s (too many requests)
         kind = {429: "requests"}.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
@@ -254,9 +255,9 @@ class Server:
     """What the routes share: the engine that decodes, the tokenizer, the model's card and the API key.
     Each route is a method; `create_app` wires them to their paths."""
 
-    def __init__(self, model: GPT, tokenizer, info: ModelInfo, *, engine: Engine, api_key: str | None):
+    def __init__(self, engine: Engine, tokenizer, info: ModelInfo, *, api_key: str | None):
         self.engine, self.tokenizer, self.info, self.api_key = engine, tokenizer, info, api_key
-        self.device, self.block_size = engine.device, model.config.block_size
+        self.device, self.block_size = engine.device, engine.block_size
         self.most = engine.max_batch_size + engine.max_queue  # sequences one request may ask for
 
     @asynccontextmanager
@@ -400,7 +401,7 @@ def create_app(model: GPT, tokenizer, info: ModelInfo, *, max_batch_size: int = 
     Needs the `serve` extra, which `main` checks for."""
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
                     prefill_chunk=prefill_chunk, device=device, dtype=dtype)
-    server = Server(model, tokenizer, info, engine=engine, api_key=api_key)
+    server = Server(engine, tokenizer, info, api_key=api_key)
     routes = [Route("/", server.playground), Route("/health", server.health), Route("/v1/models", server.models),
               Route("/v1/completions", server.completions, methods=["POST"])]
     app = Starlette(routes=routes, lifespan=server.lifespan,
