@@ -141,9 +141,10 @@ class Prefill:
     top: list[dict[str, float] | None] = field(default_factory=lambda: [None])
 
     def shares(self, request: Request) -> bool:
-        """Whether `request` can join: the same prompt, scored alike, and nothing fed yet."""
+        """Whether a new request can join: nothing fed yet, a prompt's prefill (not the window of a request
+        that slid past the context), the same prompt, scored alike."""
         first = self.requests[0]
-        return (self.fed == 0 and request.prompt == first.prompt and not request.tokens
+        return (self.fed == 0 and not first.tokens and request.prompt == first.prompt
                 and request.sampling.echo_logprobs == first.sampling.echo_logprobs
                 and request.sampling.logprobs == first.sampling.logprobs)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gptrain.batching import Engine, Finish, PromptLogprobs, RowCache, Request, Sampling, Token
-from gptrain.sampling import generate_tokens
+from gptrain.sampling import generate_tokens, sample_generators
 from gptrain.generate import main as generate
 from gptrain.serve import main
 from gptrain.tokenizer import CharTokenizer
@@ -611,6 +611,40 @@ def test_a_long_prompt_goes_in_a_chunk_a_step_between_the_decode_steps(switches,
     expected = torch.log_softmax(logits[0, :-1], -1).gather(-1, torch.tensor(long_prompt[1:])[:, None])[:, 0]
     assert scored.logprobs[0] is None and len(scored.logprobs) == len(long_prompt)
     assert torch.allclose(torch.tensor(scored.logprobs[1:]), expected, atol=1e-5)
+
+
+def test_a_request_past_the_context_slides_alone(monkeypatch):
+    """Past a context of 64, a sliding request recomputes its window each token; a new request for the same
+    prompt arriving meanwhile gets a prefill of its own (not that window), and both read as they do alone."""
+    model, tokenizer = random_model(block_size=64), CharTokenizer(CHARS)
+    # one window a step: the first request's next window waits, not yet begun, when the second is admitted
+    engine = Engine(model, tokenizer, max_batch_size=4, prefill_chunk=64, device=CPU)
+    prompt, events, (first, second) = tokenizer.encode("ROMEO:"), {0: [], 1: []}, sample_generators(2, 5, CPU)
+    later = Request(prompt, Sampling(temperature=1.0, max_tokens=10), recorder(events[1]), second)
+    forward, fed = model.forward, []
+
+    def recording_forward(idx, *args, **kwargs):
+        fed.append(idx[0].tolist())
+        return forward(idx, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+
+    def record_then_submit(event):  # the second request arrives while the first slides
+        events[0].append(event)
+        if isinstance(event, Token) and len(token_ids(events[0])) == 70:
+            engine.submit([later])
+
+    engine.submit([Request(prompt, Sampling(temperature=1.0, max_tokens=90, slide=True), record_then_submit, first)])
+    engine.start()
+    try:
+        wait_until_finished(*events.values())
+    finally:
+        engine.stop()
+    assert fed.count(prompt) == 2  # each request's prompt was fed: the second did not take the first's window
+    for i, n in [(0, 90), (1, 10)]:  # generate_tokens slides the same way
+        streams = sample_generators(2, 5, CPU)[i:i + 1]
+        expected = generate_tokens(model, torch.tensor([prompt]), n, temperature=1.0, generators=streams)
+        assert token_ids(events[i]) == torch.cat(list(expected), dim=1)[0].tolist(), f"request {i}"
 
 
 def test_a_stop_sequence_is_held_back_until_it_cannot_be_one():
