@@ -1,14 +1,22 @@
 """Continuous batching: unrelated completions decode together, one forward pass per token for all of them.
 
 A server's requests arrive at any time, with their own prompts, lengths and sampling settings. One
-background thread owns the model and loops: it admits waiting requests between decode steps (each
-prefilled alone, then copied into a free row of a shared KV cache), runs one forward for every active
-row, samples each row with its own settings and random stream, and hands each token to its request's
-callback. Finished, stopped and cancelled rows leave at once, so a long request never holds up short ones
-for its whole length. Rows hold different numbers of tokens: each decodes at its own position, and an
-attention mask hides the cache past each row's end, so a row reads the same as it would alone. A request
-whose prefill fails (out of memory on a long prompt, say) fails alone; a failed decode step fails the
-rows in it; either way the engine carries on with the next requests.
+background thread owns the model and loops. Each step it admits waiting requests while rows are free;
+feeds their prompts to the model, `prefill_chunk` tokens a step at most, so that a long prompt delays
+the rows already decoding by one chunk per step, never by its whole length; then runs one forward for
+every decoding row, samples each row with its own settings and random stream, and hands each token to
+its request's callback. Finished, stopped and cancelled rows leave at once, so a long request never holds
+up short ones for its whole length. Rows hold different numbers of tokens: each decodes at its own
+position, and a mask hides the cache past each row's end, so a row reads the same as it would alone.
+
+Nothing in a step waits for the device but the one read of the sampled tokens, which must go out to
+their clients as text (and of log-probabilities, where asked for): rows' lengths are kept on the host, and
+all rows' draws are one vectorised search.
+
+A request whose prefill fails (out of memory on a long prompt, say) fails alone; a failed decode step
+fails the rows in it; either way the engine carries on with the next requests. Beyond `max_queue`
+requests waiting for a row, `submit` refuses new ones (QueueFull), so a flood of clients cannot grow the
+queue, its latency or its memory without bound.
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ from gptrain.device import autocast
 from gptrain.model import GPT, KVCache
 from gptrain.sampling import StreamDecoder, mask_padding, sample_next
 
+DEFAULT_MAX_QUEUE = 64  # requests waiting for a row: four batches' worth at the default max_batch_size
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens fed per step: a long prompt stalls the others this much at most
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -37,6 +48,7 @@ class Sampling:
     stop: tuple[str, ...] = ()  # text that ends the sequence; it is not part of the result
     logprobs: int | None = None  # report each token's log-probability and the `logprobs` most likely
     echo_logprobs: bool = False  # also the prompt tokens' log-probabilities (lm-evaluation-harness scoring)
+    slide: bool = False  # past the context, condition on its last block_size tokens, as `gptrain generate`
 
 
 @dataclass
@@ -69,6 +81,10 @@ class Finish:
 Event = Token | PromptLogprobs | Finish
 
 
+class QueueFull(Exception):
+    """The engine already has max_queue requests waiting for a row: try again later."""
+
+
 @dataclass(eq=False)
 class Request:
     """One completion: a prompt, its settings and random stream; the engine reports to `emit` from its thread."""
@@ -83,6 +99,10 @@ class Request:
     text: str = ""  # generated text so far, stop sequences not yet cut
     sent: int = 0  # how much of `text` has been emitted
     decoder: StreamDecoder | None = None  # made by the engine, which knows the tokenizer
+
+    def context(self, block_size: int) -> list[int]:
+        """What the next token is conditioned on: the last block_size tokens of the prompt and the sample."""
+        return (self.prompt + self.tokens)[-block_size:]
 
     def release(self, finished: bool) -> tuple[str, bool]:
         """The text that can go out now, and whether a stop sequence ended the sequence. Until the end, text
@@ -106,6 +126,29 @@ class Request:
         self.emit(Finish(reason, error))
 
 
+@dataclass(eq=False)
+class Prefill:
+    """Tokens on their way into a cache of their own, a chunk per step, for the requests that share them:
+    the n samples of one prompt, or a request that slid past the context and recomputes its window."""
+
+    requests: list[Request]
+    tokens: list[int]
+    cache: KVCache
+    scores: bool = False  # report the log-probability of each token (echo with logprobs)
+    fed: int = 0
+    logits: torch.Tensor | None = None  # the next token's, once every token is fed
+    logprobs: list[float | None] = field(default_factory=lambda: [None])
+    top: list[dict[str, float] | None] = field(default_factory=lambda: [None])
+
+    def shares(self, request: Request) -> bool:
+        """Whether a new request can join: nothing fed yet, a prompt's prefill (not the window of a request
+        that slid past the context), the same prompt, scored alike."""
+        first = self.requests[0]
+        return (self.fed == 0 and not first.tokens and request.prompt == first.prompt
+                and request.sampling.echo_logprobs == first.sampling.echo_logprobs
+                and request.sampling.logprobs == first.sampling.logprobs)
+
+
 class RowCache(KVCache):
     """KV buffers for up to `rows` sequences that hold different numbers of tokens; the first B rows are the
     active ones. Each new token is written at its own row's end, and the mask lets each row see only its own."""
@@ -113,7 +156,9 @@ class RowCache(KVCache):
     def __init__(self, model: GPT, rows: int):
         super().__init__(model.config)
         self.rows = rows
-        self.lengths = torch.zeros(rows, dtype=torch.long, device=model.lm_head.weight.device)
+        # on the host: reading them from the device every step would make the host wait for the GPU
+        self.lengths = [0] * rows
+        self.device = model.lm_head.weight.device
 
     def store(self, row: int, prefill: KVCache) -> None:
         """Copy a prompt prefilled alone into `row`."""
@@ -128,44 +173,57 @@ class RowCache(KVCache):
 
     def move(self, source: int, target: int) -> None:
         """Row `source` takes over row `target` (whose sequence has left), keeping the active rows first."""
-        n = int(self.lengths[source])
+        n = self.lengths[source]
         for keys, values in zip(self.keys, self.values):
             keys[target, :, :n] = keys[source, :, :n]
             values[target, :, :n] = values[source, :, :n]
-        self.lengths[target] = self.lengths[source]
+        self.lengths[target] = n
 
     def begin_step(self, batch: int) -> None:
-        """The mask for one new token in each of the first `batch` rows: each row sees its own tokens only."""
+        """Where one new token in each of the first `batch` rows goes, and what each may see: its own row."""
         lengths = self.lengths[:batch]
-        self.batch = batch
-        self.span = int(lengths.max()) + 1  # the keys any row reads this step, its new one included
-        self.mask = (torch.arange(self.span, device=lengths.device) <= lengths[:, None])[:, None, None, :]
+        self.batch, self.span = batch, max(lengths) + 1  # the keys any row reads this step, its new one included
+        self.ends = torch.tensor(lengths, device=self.device)  # copied while the device is idle: no wait
+        self.indices = torch.arange(batch, device=self.device)
+        # Rows of one length need no mask, which keeps the GPU's flash kernel; others get an additive one (made
+        # at the first layer, in the keys' dtype), which SDPA takes as it is where a boolean one is converted.
+        self.uneven, self.mask = min(lengths) != max(lengths), None
 
     def positions(self, new: int, device: torch.device) -> torch.Tensor:
         """Each row's new token sits at its own row's end: (batch, 1)."""
         assert new == 1 and self.span <= self.block_size, "after its prefill a row grows one token at a time"
-        return self.lengths[:self.batch, None]
+        return self.ends[:, None]
 
-    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        rows = torch.arange(self.batch, device=k.device)
-        self.keys[layer][rows, :, self.lengths[:self.batch]] = k[:, :, 0]
-        self.values[layer][rows, :, self.lengths[:self.batch]] = v[:, :, 0]
-        return self.keys[layer][:self.batch, :, :self.span], self.values[layer][:self.batch, :, :self.span], self.mask, False
+    def attend(self, layer: int, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        self.keys[layer][self.indices, :, self.ends] = k[:, :, 0]
+        self.values[layer][self.indices, :, self.ends] = v[:, :, 0]
+        if self.uneven and self.mask is None:
+            hidden = torch.arange(self.span, device=k.device) > self.ends[:, None]
+            self.mask = torch.zeros(hidden.shape, dtype=k.dtype, device=k.device).masked_fill_(hidden, float("-inf"))
+            self.mask = self.mask[:, None, None, :]  # (batch, heads, query, keys)
+        keys, values = self.keys[layer][:self.batch, :, :self.span], self.values[layer][:self.batch, :, :self.span]
+        return keys, values, self.mask, False
 
     def advance(self, new: int) -> None:
-        self.lengths[:self.batch] += new
+        for row in range(self.batch):
+            self.lengths[row] += new
 
 
 class Engine:
     """Owns the model on one background thread and decodes every submitted request, up to `max_batch_size`
-    rows at a time. Prompts must leave room for their max_tokens within the context: the caller checks."""
+    rows at a time, with at most `max_queue` more waiting. Prompts must leave room for their max_tokens within
+    the context, unless they slide: the caller checks."""
 
-    def __init__(self, model: GPT, tokenizer, *, max_batch_size: int, device: torch.device,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, model: GPT, tokenizer, *, max_batch_size: int, max_queue: int = DEFAULT_MAX_QUEUE,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, device: torch.device, dtype: torch.dtype = torch.float32):
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
-        self.device, self.dtype = device, dtype
+        self.max_queue, self.prefill_chunk, self.device, self.dtype = max_queue, prefill_chunk, device, dtype
+        self.block_size = model.config.block_size
         self.waiting: collections.deque[Request] = collections.deque()
+        self.prefills: collections.deque[Prefill] = collections.deque()  # fed in order, a chunk a step
         self.rows: list[Request] = []  # row i of the cache holds rows[i]
+        self.held = 0  # rows decoding or promised to a prefill, as of the last admission
         self.cache = RowCache(model, max_batch_size)
         self.wakeup = threading.Condition()
         self.stopping = False
@@ -181,33 +239,54 @@ class Engine:
         self.thread.join()
 
     def submit(self, requests: list[Request]) -> None:
-        block_size = self.model.config.block_size
-        assert all(len(s.prompt) + s.sampling.max_tokens <= block_size for s in requests), "no room to generate"
+        """Queue `requests`, all or none: QueueFull when more than max_queue would wait for a row."""
+        assert all(r.sampling.slide or len(r.prompt) + r.sampling.max_tokens <= self.block_size
+                   for r in requests), "no room to generate"
         with self.wakeup:
+            if len(self.waiting) + len(requests) > self._room():
+                # clients that left before their turn give their places back
+                self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
+                if len(self.waiting) + len(requests) > self._room():
+                    raise QueueFull(f"{len(self.waiting)} requests are waiting already")
             self.waiting.extend(requests)
             self.wakeup.notify()
+
+    def _room(self) -> int:
+        return self.max_queue + self.max_batch_size - self.held
 
     def _run(self) -> None:
         with torch.inference_mode(), autocast(self.device, self.dtype):
             while True:
                 with self.wakeup:
-                    while not (self.stopping or self.waiting or self.rows):
+                    self._admit()
+                    while not (self.stopping or self.prefills or self.rows):
                         self.wakeup.wait()
+                        self._admit()
                     if self.stopping:
                         return
-                    free = self.max_batch_size - len(self.rows)
-                    admitted = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
-                prefills: dict[tuple, tuple | Exception] = {}  # the n samples of one prompt share its prefill
-                for request in admitted:
-                    try:
-                        self._admit(request, prefills)
-                    except Exception as e:  # out of memory on a long prompt, say: only this request fails
-                        self._fail([request], e)
+                self._prefill_step()
                 try:
                     self._decode()
                 except Exception as e:  # a bug or out of memory: fail the rows still decoding, keep serving
                     self._fail(self.rows, e)
                     self.rows, self.cache = [], RowCache(self.model, self.max_batch_size)
+
+    def _admit(self) -> None:
+        """Give waiting requests the free rows (under the lock): each joins a prefill not yet begun of the same
+        prompt (the n samples of one, or clients asking alike), so the prompt is fed once for all of them."""
+        free = self.max_batch_size - len(self.rows) - sum(len(p.requests) for p in self.prefills)
+        while free > 0 and self.waiting:
+            request = self.waiting.popleft()
+            if request.cancelled:
+                continue
+            free -= 1
+            same = next((p for p in self.prefills if p.shares(request)), None)
+            if same is not None:
+                same.requests.append(request)
+            else:
+                self.prefills.append(Prefill([request], request.context(self.block_size), KVCache(self.model.config),
+                                             scores=request.sampling.echo_logprobs))
+        self.held = self.max_batch_size - free
 
     def _fail(self, requests: list[Request], error: Exception) -> None:
         traceback.print_exception(error)
@@ -215,32 +294,85 @@ class Engine:
             if not request.finished:  # a row can finish in the step that then fails
                 request.finish("error", f"{type(error).__name__}: {error}")
 
-    def _admit(self, request: Request, prefills: dict[tuple, tuple | Exception]) -> None:
-        """Prefill a new request, sample its first token, and give it a row unless that token finished it."""
-        if request.cancelled:
-            return
-        key = (tuple(request.prompt), request.sampling.logprobs if request.sampling.echo_logprobs else None)
-        if key not in prefills:
+    def _prefill_step(self) -> None:
+        """Feed prompts in order, each in pieces of at most prefill_chunk tokens, until this step has fed as
+        many as one piece may hold. A piece's bounds depend on its prompt alone, never on the traffic, so a
+        prompt is computed the same way whatever else arrives."""
+        fed = 0
+        while self.prefills:
+            prefill = self.prefills[0]
+            prefill.requests = [r for r in prefill.requests if not r.cancelled]
+            if not prefill.requests:  # every client of it left
+                self.prefills.popleft()
+                continue
+            n = min(self.prefill_chunk, len(prefill.tokens) - prefill.fed)
+            if fed and fed + n > self.prefill_chunk:
+                return
             try:
-                prefills[key] = self._prefill(request)
+                self._feed(prefill, n)
+                fed += n
+                if prefill.fed == len(prefill.tokens):
+                    self.prefills.popleft()
+                    self._start(prefill)
+            except Exception as e:  # out of memory on a long prompt, say: only its requests fail
+                if self.prefills and self.prefills[0] is prefill:
+                    self.prefills.popleft()
+                self._fail(prefill.requests, e)
+
+    def _feed(self, prefill: Prefill, n: int) -> None:
+        """One forward over the next n tokens of a prefill, into its cache."""
+        start = prefill.fed
+        ids = torch.tensor([prefill.tokens[start:start + n]], device=self.device)
+        if not prefill.scores:
+            logits, _ = self.model(ids, cache=prefill.cache)
+        else:  # targets make the model return every position's logits; the loss is not used
+            after = prefill.tokens[start + 1:start + n + 1]
+            targets = torch.tensor([after + [-1] * (n - len(after))], device=self.device)
+            logits, _ = self.model(ids, targets, cache=prefill.cache)
+            scored = mask_padding(logits[0, :len(after)], self.tokenizer.vocab_size)
+            logprobs, top = self._logprobs(scored, after, prefill.requests[0].sampling.logprobs)
+            prefill.logprobs += logprobs
+            prefill.top += top
+        prefill.fed += n
+        if prefill.fed == len(prefill.tokens):
+            prefill.logits = mask_padding(logits[0, -1], self.tokenizer.vocab_size)
+
+    def _start(self, prefill: Prefill) -> None:
+        """A prefill is complete: each of its requests samples its next token and takes a row, unless that
+        token finished it. A request that failed here fails alone."""
+        going = []
+        for request in prefill.requests:
+            if request.decoder is None:  # a request that slid keeps its own
+                request.decoder = StreamDecoder(self.tokenizer)
+            if prefill.scores:
+                request.emit(PromptLogprobs(prefill.logprobs, prefill.top))
+            if request.sampling.max_tokens == 0:
+                request.finish("length")
+            else:
+                going.append(request)
+        tokens = self._sample(prefill.logits.expand(len(going), -1), going) if going else []
+        for request, token in zip(going, tokens):
+            try:
+                if not self._accept(request, token, prefill.logits):
+                    self._place(request, prefill.cache)
             except Exception as e:
-                prefills[key] = e  # the other samples of this prompt fail alike, without trying again
-        if isinstance(prefills[key], Exception):
-            raise prefills[key]
-        cache, logits, prompt_logprobs = prefills[key]
-        request.decoder = StreamDecoder(self.tokenizer)
-        if prompt_logprobs is not None:
-            request.emit(prompt_logprobs)
-        if request.sampling.max_tokens == 0:
-            request.finish("length")
-            return
-        token = self._sample(logits[None], [request])[0]
-        if not self._accept(request, token, logits):
+                self._fail([request], e)
+
+    def _place(self, request: Request, cache: KVCache) -> None:
+        """A row for a request prefilled in `cache`; a full cache (only when sliding) is recomputed first."""
+        if cache.length == self.block_size:
+            self._slide(request)
+        else:
             self.cache.store(len(self.rows), cache)
             self.rows.append(request)
 
+    def _slide(self, request: Request) -> None:
+        """Recompute the window of a request whose context is full: its last block_size tokens, at positions
+        from 0, as `gptrain generate` does (its row, if it had one, is freed by the caller)."""
+        self.prefills.append(Prefill([request], request.context(self.block_size), KVCache(self.model.config)))
+
     def _decode(self) -> None:
-        """Decode one token for every active row."""
+        """Decode one token for every decoding row."""
         self._drop([i for i, request in enumerate(self.rows) if request.cancelled])
         if not self.rows:
             return
@@ -249,27 +381,14 @@ class Engine:
         inputs = torch.tensor([request.tokens[-1] for request in self.rows], device=self.device)[:, None]
         logits, _ = self.model(inputs, cache=self.cache)
         logits = mask_padding(logits[:, -1, :], self.tokenizer.vocab_size)
-        tokens = self._sample(logits, self.rows)
-        self._drop([i for i, (request, token) in enumerate(zip(self.rows, tokens))
-                    if self._accept(request, token, logits[i])])
-
-    def _prefill(self, request: Request) -> tuple[KVCache, torch.Tensor, PromptLogprobs | None]:
-        """Run a prompt alone: its cache, the logits of its next token, and, when asked, its tokens' logprobs."""
-        cache = KVCache(self.model.config)
-        ids = torch.tensor([request.prompt], device=self.device)
-        if not request.sampling.echo_logprobs:
-            logits, _ = self.model(ids, cache=cache)
-            return cache, mask_padding(logits[0, -1], self.tokenizer.vocab_size), None
-        # targets make the model return every position's logits; the loss that comes with them is not used
-        targets = torch.tensor([request.prompt[1:] + [-1]], device=self.device)
-        logits, _ = self.model(ids, targets, cache=cache)
-        logits = mask_padding(logits[0], self.tokenizer.vocab_size)
-        logprobs, top = [None], [None]
-        for position, token in enumerate(request.prompt[1:]):
-            logprob, best = self._logprobs(logits[position], token, request.sampling.logprobs)
-            logprobs.append(logprob)
-            top.append(best)
-        return cache, logits[-1], PromptLogprobs(logprobs, top)
+        leaving = []
+        for i, (request, token) in enumerate(zip(self.rows, self._sample(logits, self.rows))):
+            if self._accept(request, token, logits[i]):
+                leaving.append(i)
+            elif self.cache.lengths[i] == self.block_size:  # only when sliding: prompts leave room otherwise
+                leaving.append(i)
+                self._slide(request)
+        self._drop(leaving)
 
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> list[int]:
         """One token per row; rows that share their settings are sampled together, each from its own stream."""
@@ -277,29 +396,32 @@ class Engine:
         for i, request in enumerate(rows):
             s = request.sampling
             groups[(s.temperature, s.top_k, s.top_p)].append(i)
-        tokens = [0] * len(rows)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         for (temperature, top_k, top_p), members in groups.items():
             generators = [rows[i].generator for i in members] if temperature > 0 else None
-            chosen = sample_next(logits[members], temperature, top_k, top_p, generators)
-            for i, token in zip(members, chosen[:, 0].tolist()):
-                tokens[i] = token
-        return tokens
+            tokens[members] = sample_next(logits[members], temperature, top_k, top_p, generators)[:, 0]
+        return tokens.tolist()  # the step's one wait for the device: the tokens go out as text
 
-    def _logprobs(self, logits: torch.Tensor, token: int, n: int | None) -> tuple[float, dict[str, float]]:
-        """The model's log-probability of `token`, and the n most likely tokens' (the token's own included)."""
-        logprobs, top = torch.log_softmax(logits.float(), dim=-1), {}
+    def _logprobs(self, logits: torch.Tensor, tokens: list[int], n: int | None) -> tuple[list[float], list[dict]]:
+        """For each row of (P, vocab) logits, the model's log-probability of its token, and the n most likely
+        tokens' (the token's own included), all read from the device at once."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+        tops: list[dict[str, float]] = [{} for _ in tokens]
         if n:
             values, ids = torch.topk(logprobs, n)
-            top = {self.tokenizer.decode([i]): v for i, v in zip(ids.tolist(), values.tolist())}
-        top[self.tokenizer.decode([token])] = logprobs[token].item()
-        return logprobs[token].item(), top
+            for top, row_values, row_ids in zip(tops, values.tolist(), ids.tolist()):
+                top.update({self.tokenizer.decode([i]): v for i, v in zip(row_ids, row_values)})
+        for top, token, logprob in zip(tops, tokens, chosen):
+            top[self.tokenizer.decode([token])] = logprob
+        return chosen, tops
 
     def _accept(self, request: Request, token: int, logits: torch.Tensor) -> bool:
         """Record a sampled token and emit what it released; return whether the sequence is finished."""
         request.tokens.append(token)
         logprob = top = None
         if request.sampling.logprobs is not None:
-            logprob, top = self._logprobs(logits, token, request.sampling.logprobs)
+            (logprob,), (top,) = self._logprobs(logits[None], [token], request.sampling.logprobs)
         end_of_text = token == self.tokenizer.eot_id
         if not end_of_text:
             request.text += request.decoder.push(token)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from gptrain.config import GPTConfig
 
@@ -56,9 +57,9 @@ class KVCache:
         keys, values = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
         if self.length == 0 or new == 1:  # a prefill is plainly causal; one new token sees every cached one
             return keys, values, None, self.length == 0
-        # a chunk after cached tokens: query i, at position length + i, sees the keys up to it
-        mask = torch.ones(new, end, dtype=torch.bool, device=k.device).tril(diagonal=self.length)
-        return keys, values, mask, False
+        # a chunk after cached tokens: query i, at position length + i, sees the keys up to it; as a causal bias
+        # aligned to the lower right, which SDPA's fused GPU kernels take where they refuse a mask tensor
+        return keys, values, causal_lower_right(new, end), False
 
     def advance(self, new: int) -> None:
         self.length += new

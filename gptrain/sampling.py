@@ -52,12 +52,28 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         # keep only the k candidates: the rest of the work then costs O(k) per row, not O(vocabulary)
         logits, ids = torch.topk(logits, top_k, dim=-1)
     probs = torch.softmax(nucleus(logits.float() / temperature, top_p), dim=-1)
-    if generators is None:
-        choice = torch.multinomial(probs, num_samples=1)
-    else:
-        assert len(generators) == len(probs), f"{len(generators)} generators for {len(probs)} rows"
-        choice = torch.stack([torch.multinomial(row, num_samples=1, generator=g) for row, g in zip(probs, generators)])
+    choice = inverse_cdf(probs, uniforms(len(probs), generators, probs.device))
     return choice if ids is None else ids.gather(-1, choice)
+
+
+def uniforms(n: int, generators: Sequence[torch.Generator] | None, device: torch.device) -> torch.Tensor:
+    """(n, 1) uniform draws from [0, 1): one from each row's own generator (a tiny op each, on the
+    generator's device, so nothing waits for the GPU), or all from torch's global one."""
+    if generators is None:
+        return torch.rand(n, 1, device=device)
+    assert len(generators) == n, f"{len(generators)} generators for {n} rows"
+    return torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators]).to(device)[:, None]
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """For each row of (B, V) probabilities, the first token whose cumulative probability passes u times
+    the row's total: a draw from the row, for all rows in one vectorised search. A token of probability 0
+    is never drawn."""
+    cdf = probs.cumsum(dim=-1)
+    choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    # u < 1, yet u times the total can round up to the total: stay at the last token with any probability
+    last = probs.size(-1) - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1, keepdim=True)
+    return torch.minimum(choice, last)
 
 
 def mask_padding(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:

@@ -3,16 +3,25 @@
 Any OpenAI client, lm-evaluation-harness's `local-completions` or curl can then use a trained model:
 
     POST /v1/completions   prompt (text, texts, token ids), max_tokens, temperature, top_p, top_k, n, stop, seed,
-                           stream (server-sent events, one per token), echo, logprobs; unknown fields are ignored
+                           stream (server-sent events, one per token), echo, logprobs; unknown fields are ignored;
+                           and one field of gptrain's own, slide (below)
     GET  /v1/models        the model's name, parameter count, tokenizer and context length
     GET  /health           {"status": "ok"}
     GET  /                 the playground
 
-Concurrent requests decode together in one batch (gptrain.batching), so a busy server stays fast. A seeded
-request draws the same tokens as `gptrain generate --seed` with the same settings. It binds to 127.0.0.1
-unless told otherwise; --api_key (or $GPTRAIN_API_KEY) makes /v1/ require `Authorization: Bearer KEY`.
+Concurrent requests decode together in one batch (gptrain.batching), so a busy server stays fast; beyond
+--max_queue requests waiting for a row, new ones get 429 with Retry-After, so a flood of clients meets a
+prompt refusal rather than an ever longer wait. A seeded request draws the same tokens as
+`gptrain generate --seed` with the same settings. It binds to 127.0.0.1 unless told otherwise; --api_key
+(or $GPTRAIN_API_KEY) makes /v1/ require `Authorization: Bearer KEY`.
+
+Like OpenAI's API, a request whose prompt and max_tokens exceed the context is refused (400). With
+"slide": true it is not: as `gptrain generate` does, each token past the context is conditioned on the
+last context-length tokens (a prompt longer than the context keeps its end), at the cost of recomputing
+that window for each such token. The playground asks for it.
 
 Usage: gptrain serve --model_path checkpoints/ckpt.pt [--host 127.0.0.1] [--port 8000] [--max_batch_size 16]
+                     [--max_queue 64] [--prefill_chunk 256]
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from gptrain.batching import Engine, Finish, PromptLogprobs, Request, Sampling, Token
+from gptrain.batching import (DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Engine, Finish, PromptLogprobs, QueueFull,
+                               Request, Sampling, Token)
 from gptrain.config import DTYPE_NAMES
 from gptrain.device import resolve_device, resolve_dtype
 from gptrain.errors import UserError, command
@@ -52,6 +62,7 @@ except ImportError:
 PLAYGROUND = Path(__file__).parent / "static" / "playground.html"
 API_KEY_VARIABLE = "GPTRAIN_API_KEY"
 MAX_STOPS, MAX_LOGPROBS, MAX_N = 4, 5, 128  # OpenAI's limits (n: ours)
+RETRY_AFTER_S = 1  # what a refused client is told to wait: about the time a row takes to free up
 
 
 class ServeError(UserError):
@@ -66,7 +77,8 @@ class RequestError(Exception):
         self.param, self.status, self.code = param, status, code
 
     def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        # OpenAI's types: "requests" is that of its 429s (too many requests)
+        kind = {429: "requests"}.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -107,6 +119,7 @@ FIELDS = {
              and all(isinstance(s, str) and s for s in v), f"a non-empty string or a list of at most {MAX_STOPS}"),
     "stream_options": (None, lambda v: isinstance(v, dict) and isinstance(v.get("include_usage", False), bool),
                        'an object such as {"include_usage": true}'),
+    "slide": (False, lambda v: isinstance(v, bool), "a boolean"),  # gptrain's own
 }
 
 
@@ -127,9 +140,12 @@ def parse_request(body, tokenizer, block_size: int) -> Completion:
         problems.append(("prompt", str(e)))
     if problems:
         raise RequestError("; ".join(message for _, message in problems), param=problems[0][0])
-    max_tokens = values["max_tokens"]
+    max_tokens, echo_logprobs = values["max_tokens"], values["echo"] and values["logprobs"] is not None
     for ids in prompts:
-        if len(ids) + max_tokens > block_size:
+        if values["slide"] and echo_logprobs and len(ids) > block_size:
+            raise RequestError(f"echo with logprobs scores a prompt of at most the context, {block_size} tokens; "
+                               f"this one has {len(ids)}", param="prompt", code="context_length_exceeded")
+        if not values["slide"] and len(ids) + max_tokens > block_size:
             raise RequestError(f"This model's maximum context length is {block_size} tokens, however you requested "
                                f"{len(ids) + max_tokens} tokens ({len(ids)} in your prompt; {max_tokens} for the "
                                f"completion). Please reduce your prompt or completion length.",
@@ -138,7 +154,7 @@ def parse_request(body, tokenizer, block_size: int) -> Completion:
     sampling = Sampling(temperature=float(values["temperature"]), top_k=values["top_k"] or None,
                         top_p=float(values["top_p"]), max_tokens=max_tokens,
                         stop=(stop,) if isinstance(stop, str) else tuple(stop or ()), logprobs=values["logprobs"],
-                        echo_logprobs=values["echo"] and values["logprobs"] is not None)
+                        echo_logprobs=echo_logprobs, slide=values["slide"])
     return Completion(prompts, texts, sampling, n=values["n"], seed=values["seed"], echo=values["echo"],
                       stream=values["stream"],
                       include_usage=bool((values["stream_options"] or {}).get("include_usage")))
@@ -239,11 +255,10 @@ class Server:
     """What the routes share: the engine that decodes, the tokenizer, the model's card and the API key.
     Each route is a method; `create_app` wires them to their paths."""
 
-    def __init__(self, model: GPT, tokenizer, info: ModelInfo, *, max_batch_size: int, device: torch.device,
-                 dtype: torch.dtype, api_key: str | None):
-        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, device=device, dtype=dtype)
-        self.tokenizer, self.info, self.device, self.api_key = tokenizer, info, device, api_key
-        self.block_size = model.config.block_size
+    def __init__(self, engine: Engine, tokenizer, info: ModelInfo, *, api_key: str | None):
+        self.engine, self.tokenizer, self.info, self.api_key = engine, tokenizer, info, api_key
+        self.device, self.block_size = engine.device, engine.block_size
+        self.most = engine.max_batch_size + engine.max_queue  # sequences one request may ask for
 
     @asynccontextmanager
     async def lifespan(self, app):
@@ -268,8 +283,15 @@ class Server:
         except ValueError:
             raise RequestError("the request body is not valid JSON") from None
         job = parse_request(body, self.tokenizer, self.block_size)
+        if job.n * len(job.prompts) > self.most:  # it would never fit, so waiting would not help
+            raise RequestError(f"this server decodes at most {self.most} sequences for one request (n times the "
+                               f"prompts), got {job.n * len(job.prompts)}", param="n")
         queue: asyncio.Queue = asyncio.Queue()
-        submitted, choices = self.submit(job, queue)
+        try:
+            submitted, choices = self.submit(job, queue)
+        except QueueFull:
+            raise RequestError(f"the server is busy: {self.engine.max_queue} requests are waiting already; retry "
+                               f"after {RETRY_AFTER_S} s", status=429, code="rate_limit_exceeded") from None
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                   "model": self.info.name}
         if job.stream:
@@ -358,7 +380,8 @@ class Server:
 
 
 async def refused(request, error: RequestError):
-    return JSONResponse(error.body(), status_code=error.status)
+    retry = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None  # OpenAI's clients honour it
+    return JSONResponse(error.body(), status_code=error.status, headers=retry)
 
 
 async def http_error(request, error: HTTPException):  # unknown paths and methods, in OpenAI's shape too
@@ -371,12 +394,14 @@ async def failed(request, error: Exception):  # a bug: this request fails, the s
                         status_code=500)
 
 
-def create_app(model: GPT, tokenizer, info: ModelInfo, *, max_batch_size: int = 16, device: torch.device,
-               dtype: torch.dtype = torch.float32, api_key: str | None = None):
+def create_app(model: GPT, tokenizer, info: ModelInfo, *, max_batch_size: int = 16, max_queue: int = DEFAULT_MAX_QUEUE,
+               prefill_chunk: int = DEFAULT_PREFILL_CHUNK, device: torch.device, dtype: torch.dtype = torch.float32,
+               api_key: str | None = None):
     """The ASGI application (Starlette, which FastAPI is built on); its lifespan runs the decode engine.
     Needs the `serve` extra, which `main` checks for."""
-    server = Server(model, tokenizer, info, max_batch_size=max_batch_size, device=device, dtype=dtype,
-                    api_key=api_key)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
+                    prefill_chunk=prefill_chunk, device=device, dtype=dtype)
+    server = Server(engine, tokenizer, info, api_key=api_key)
     routes = [Route("/", server.playground), Route("/health", server.health), Route("/v1/models", server.models),
               Route("/v1/completions", server.completions, methods=["POST"])]
     app = Starlette(routes=routes, lifespan=server.lifespan,
@@ -411,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--max_batch_size", type=int, default=16, help="most sequences decoded together in one batch")
+    p.add_argument("--max_queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="most sequences waiting for a row beyond the batch; past it, 429 with Retry-After")
+    p.add_argument("--prefill_chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="prompt tokens fed per step: a long prompt delays the decoding rows by this much at most")
     p.add_argument("--api_key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_VARIABLE}, if set)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -422,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     problems = [*(["--port must be from 0 to 65535"] if not 0 <= args.port <= 65535 else []),
-                *(["--max_batch_size must be >= 1"] if args.max_batch_size < 1 else [])]
+                *(["--max_batch_size must be >= 1"] if args.max_batch_size < 1 else []),
+                *(["--max_queue must be >= 0"] if args.max_queue < 0 else []),
+                *(["--prefill_chunk must be >= 1"] if args.prefill_chunk < 1 else [])]
     if problems:
         raise ServeError("; ".join(problems))
     require("starlette", "serve", "gptrain serve", error=ServeError)  # before the checkpoint takes time to load
@@ -435,8 +466,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it",
               file=sys.stderr)
     app = create_app(model, tokenizer, model_info(model, tokenizer, args.model_path),
-                     max_batch_size=args.max_batch_size, device=device, dtype=resolve_dtype(args.dtype, device),
-                     api_key=api_key)
+                     max_batch_size=args.max_batch_size, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                     device=device, dtype=resolve_dtype(args.dtype, device), api_key=api_key)
     uvicorn.run(app, host=args.host, port=args.port)
 
 

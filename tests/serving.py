@@ -1,7 +1,12 @@
 """Helpers for the tests of `gptrain serve` and its playground: a tiny char model, its checkpoint, and the
-real server running on a free localhost port."""
+real server running on a free localhost port, in a thread or as the command users start."""
 
 import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -59,3 +64,43 @@ def running_server(checkpoint: Path, **options):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_command(log: Path, *args: str, env: dict | None = None):
+    """`gptrain serve ARGS` as a user starts it, through the `gptrain` command's main, its output in `log`;
+    yields the process once /health answers on the port its log names, and checks that it exits 0 on SIGINT
+    (Ctrl-C)."""
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "gptrain.cli", "serve", *args], stdout=out,
+                                   stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + 120  # importing torch and starlette on a busy machine takes a while
+        while "Uvicorn running on" not in log.read_text():
+            started = process.poll() is None and time.monotonic() < deadline
+            assert started, f"gptrain serve did not start:\n{log.read_text()}"
+            time.sleep(0.1)
+        yield process
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            code = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert code == 0, f"gptrain serve exited {code}:\n{log.read_text()}"

@@ -136,3 +136,14 @@ def test_stream_decoder_keeps_sentencepiece_spaces():
     tok = HFTokenizer("hf:test", sp.to_str(), None)
     ids = tok.encode("hello world the quick brown fox")
     assert "".join(streamed(tok, ids)) == tok.decode(ids) == "hello world the quick brown fox"
+
+
+def test_one_uniform_a_row_draws_each_token_as_often_as_its_probability():
+    """20,000 rows of the same distribution, each drawn from its own generator: the tokens come in proportion
+    to their probabilities (to 1%), and a token of probability 0 never."""
+    probs = torch.tensor([0.5, 0.25, 0.0, 0.125, 0.0625, 0.0625])
+    n = 20_000
+    tokens = sample_next(probs.log().expand(n, -1), 1.0, None, None, sample_generators(n, 0, torch.device("cpu")))
+    share = torch.bincount(tokens.flatten(), minlength=len(probs)) / n
+    assert share[2] == 0 and torch.allclose(share, probs, atol=0.01), share
+
