@@ -209,7 +209,7 @@ MUST_BE_OFF = {"qk_norm": False, "logit_softcap": None}
 MAPPED = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "rope_theta",
           "tie_embeddings")
 INIT_ONLY = ("zero_init_proj",)
-SUPPORTED = "export supports GPT-2 (learned positions, layernorm, gelu) and Llama (rope, rmsnorm, swiglu)"
+EXPORTABLE = "export supports GPT-2 (learned positions, layernorm, gelu) and Llama (rope, rmsnorm, swiglu)"
 
 
 class ExportError(UserError):
@@ -234,7 +234,7 @@ def target(config: GPTConfig) -> str:
     if off or mixed:
         where = f"Hugging Face's {nearest}, the nearest target" if mixed else "Hugging Face's GPT-2 or Llama"
         verb = "has" if len(off + mixed) == 1 else "have"
-        raise ExportError(f"{', '.join(off + mixed)} {verb} no equivalent in {where}; {SUPPORTED}")
+        raise ExportError(f"{', '.join(off + mixed)} {verb} no equivalent in {where}; {EXPORTABLE}")
     return nearest
 
 
