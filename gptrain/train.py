@@ -31,7 +31,7 @@ from gptrain.device import autocast, environment, keep_freed_host_memory, resolv
 from gptrain.data import BatchSampler, DataError, open_tokens, read_meta, to_device
 from gptrain.distributed import (
     DistInfo, StopRequest, check_parallelism, clip_grad_norm, dist_info, eager, gradient_sync, init_distributed,
-    mean_across_ranks, min_across_ranks, parallelize, print0, teardown,
+    lost_rank, mean_across_ranks, min_across_ranks, parallelize, print0, teardown,
 )
 from gptrain.errors import UserError, command
 from gptrain.evaluate import estimate_loss, split_bits_per_byte
@@ -499,6 +499,11 @@ def train(config: TrainConfig) -> list[dict]:
         with run.stop, bar:
             _loop(run, bar)
         finished = True
+    except RuntimeError as e:  # another process hung or died: one line in place of gloo's traceback
+        failure = lost_rank(e, info, timeout_s=config.dist_timeout_s, step=run.step if run else None)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if run is not None:
             run.logger.close()
