@@ -31,7 +31,7 @@ def command(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | N
     """A command's entry point: a UserError, or an OSError (a path missing or unreadable, a full disk), ends it
     with `error: <message>` and status 2, printed once under torchrun (every rank meets such errors alike).
     A RunFailure ends it with `error: <message>` and status 1, printed by each process that meets it: which
-    ones do depends on which process failed."""
+    ones do depends on which process failed. Ctrl-C (KeyboardInterrupt) ends it with status 130."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> None:
@@ -44,5 +44,7 @@ def command(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | N
         except RunFailure as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
+        except KeyboardInterrupt:  # Ctrl-C: the shell's status for it (Python's own, 130, is lost once
+            sys.exit(130)  # torch._dynamo is imported), without a traceback from wherever it landed
 
     return run
