@@ -79,9 +79,11 @@ def teardown(finished: bool) -> None:
         dist.destroy_process_group()
 
 
-# How gloo says that the process at the other end of a collective stopped answering or went away.
+# How gloo says that the process at the other end of a collective stopped answering...
 TIMED_OUT = re.compile(r"Timed out waiting \d+ ?ms for (send|recv) operation")
-WENT_AWAY = re.compile(r"Connection (closed|reset) by peer")
+# A process that went away: seen by a read (closed, reset), by a write (reset, broken pipe), or by an operation
+# begun after gloo saw the close (socket closed).
+WENT_AWAY = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Socket closed")
 
 
 def lost_rank(error: RuntimeError, info: DistInfo, *, timeout_s: int, step: int | None) -> RunFailure | None:
