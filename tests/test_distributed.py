@@ -293,17 +293,19 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(launcher, exit_code,
 
 
 # What the surviving rank says, in one line: who stopped answering, at which step, how to go on.
-TIMED_OUT = (r"error: rank 1 did not answer within dist_timeout_s=5 s: a collective timed out at iter \d+ on rank 0 "
-             r"\(Timed out waiting 5000ms for (send|recv) operation to complete\)\. .*continue with init_from=resume")
-WENT_AWAY = (r"error: rank 1 went away: a collective failed at iter \d+ on rank 0 \([^()]*(Connection (closed|reset) "
-             r"by peer|Broken pipe|Socket closed)[^()]*\)\. It died or was killed; continue with init_from=resume")
+TIMED_OUT_LINE = (r"error: rank 1 did not answer within dist_timeout_s=5 s: a collective timed out at iter \d+ "
+                  r"on rank 0 \(Timed out waiting 5000ms for (send|recv) operation to complete\)\. .*continue with "
+                  r"init_from=resume")
+WENT_AWAY_LINE = (r"error: rank 1 went away: a collective failed at iter \d+ on rank 0 \([^()]*(Connection "
+                  r"(closed|reset) by peer|Broken pipe|Socket closed)[^()]*\)\. It died or was killed; continue with "
+                  r"init_from=resume")
 LINE_MARGIN_S = 5  # beyond the timeout, until the line: the step under way (0.1 s measured), under any load
 MARGIN_S = 20  # until the exit, Python's finalization included (4 to 7 s measured at load 15 on 2 cores)
 
 
 @pytest.mark.parametrize("failure, line", [
-    (signal.SIGSTOP, TIMED_OUT),  # hung, not dead: its sockets stay open until the timeout
-    (signal.SIGKILL, WENT_AWAY),  # dead: noticed at the next collective
+    (signal.SIGSTOP, TIMED_OUT_LINE),  # hung, not dead: its sockets stay open until the timeout
+    (signal.SIGKILL, WENT_AWAY_LINE),  # dead: noticed at the next collective
 ], ids=["stopped", "killed"])
 def test_a_rank_that_hangs_or_dies_stops_the_others_within_the_timeout(failure, line, char_data, tmp_path,
                                                                         background):
