@@ -16,6 +16,7 @@ import torch
 
 from gptrain.checkpoint import load_checkpoint, load_weights, model_config_from
 from gptrain.config import load_config
+from gptrain.distributed import DistInfo, lost_rank
 from gptrain.model import GPT
 from gptrain.train import train
 
@@ -332,6 +333,31 @@ def test_a_rank_that_hangs_or_dies_stops_the_others_within_the_timeout(failure, 
     assert said_after < timeout + LINE_MARGIN_S, stderr
     assert code == 1, stderr
     assert re.fullmatch(line, stderr.strip()), stderr[-3000:]  # one line, no traceback
+
+
+@pytest.mark.parametrize("gloo, world_size, line", [
+    ("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete", 2,
+     "rank 1 did not answer within dist_timeout_s=5 s: a collective timed out at iter 7 on rank 0 (Timed out waiting "
+     "5000ms for recv operation to complete). It hung, was stopped, or is slower than that (then raise "
+     "dist_timeout_s); continue with init_from=resume"),
+    ("[../gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:4321", 8,
+     "another rank went away: a collective failed at iter 7 on rank 0 (Connection closed by peer [127.0.0.1]:4321). "
+     "It died or was killed; continue with init_from=resume"),
+    ("[../gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:4321: Connection reset by peer. This is typically "
+     "caused by a remote worker hanging or bugs in the application. GLHF!", 2, "(Read error [127.0.0.1]:4321: "
+     "Connection reset by peer)"),
+    ("[../gloo/transport/tcp/pair.cc:312] writev [127.0.0.1]:4321: Broken pipe", 2,
+     "(writev [127.0.0.1]:4321: Broken pipe)"),
+    ("[../gloo/transport/tcp/pair.cc:203] Socket closed [127.0.0.1]:4321", 2, "(Socket closed [127.0.0.1]:4321)"),
+    ("mat1 and mat2 shapes cannot be multiplied (4x32 and 64x32)", 2, None),  # not a rank's doing: its traceback
+], ids=["timed-out", "closed", "reset", "broken-pipe", "socket-closed", "other"])
+def test_gloo_errors_of_a_lost_rank_become_one_line(gloo, world_size, line):
+    """gloo's messages as its sources word them, including those the killed-rank test meets only now and then."""
+    failure = lost_rank(RuntimeError(gloo), DistInfo(0, 0, world_size, True), timeout_s=5, step=7)
+    if line is None:
+        assert failure is None
+    else:
+        assert line in str(failure) and "\n" not in str(failure)
 
 
 @pytest.mark.parametrize("args, message", [
