@@ -4,6 +4,7 @@ together on a signal, rank-0 helpers. The model itself never mentions any of it.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from gptrain.config import ConfigError, TrainConfig
+from gptrain.errors import RunError
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,37 @@ def teardown(finished: bool) -> None:
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+class LostRank(RunError):
+    """Another process hung, was stopped or died; which ranks see it depends on which one failed."""
+
+    every_rank = True
+
+
+# How gloo says that the process at the other end of a collective stopped answering...
+TIMED_OUT = re.compile(r"Timed out waiting \d+ ?ms for (send|recv) operation")
+# A process that went away: seen by a read (closed, reset), by a write (reset, broken pipe), or by an operation
+# begun after gloo saw the close (socket closed).
+WENT_AWAY = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Socket closed")
+
+
+def lost_rank(error: RuntimeError, info: DistInfo, *, timeout_s: int, step: int | None) -> LostRank | None:
+    """A collective's failure as one line, when the cause is another process that hung, was stopped or died;
+    None for any other error, which keeps its traceback. gloo does not say which process: with two, the other."""
+    text = str(error)
+    timed_out, went_away = TIMED_OUT.search(text), WENT_AWAY.search(text)
+    if not info.enabled or not (timed_out or went_away):
+        return None
+    other = f"rank {1 - info.rank}" if info.world_size == 2 else "another rank"
+    where = f"at iter {step}" if step is not None else "before training began"
+    gloo = text.split("] ", 1)[-1].split(". ")[0].splitlines()[0]  # its first sentence, after [source:line]
+    if timed_out:
+        return LostRank(f"{other} did not answer within dist_timeout_s={timeout_s} s: a collective timed out "
+                          f"{where} on rank {info.rank} ({gloo}). It hung, was stopped, or is slower than that "
+                          f"(then raise dist_timeout_s); continue with init_from=resume")
+    return LostRank(f"{other} went away: a collective failed {where} on rank {info.rank} ({gloo}). It died or "
+                      f"was killed; continue with init_from=resume")
 
 
 def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, device: torch.device, dtype: torch.dtype, *,
@@ -169,17 +202,19 @@ def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 class StopRequest:
-    """SIGTERM or SIGUSR1, what SLURM and Kubernetes send before a kill, asks the run to stop cleanly:
-    every rank finishes its step, the ranks agree, the run checkpoints and exits 0.
+    """SIGTERM or SIGUSR1, what SLURM and Kubernetes send before a kill, or a first Ctrl-C (SIGINT), asks the
+    run to stop cleanly: every rank finishes its step, the ranks agree, the run checkpoints and exits 0.
+    A second Ctrl-C stops at once, without a checkpoint: after the first, SIGINT raises Python's usual
+    KeyboardInterrupt again.
 
     Use as a context manager around the loop; it restores the previous handlers on exit.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, info: DistInfo, device: torch.device):
         self.info = info
-        self.received = 0  # the number of the signal this process received; only the handler writes it
+        self.received = 0  # the number of the first signal this process received; only the handler writes it
         self.signal = 0  # the one the ranks agreed on, 0 while none
         self._previous: dict = {}
         # The flag crosses over gloo on the CPU, so asking every step never waits for the GPU.
@@ -195,7 +230,12 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame) -> None:
-        self.received = signum
+        self.received = self.received or signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C interrupts at once
+            if self.info.local_rank == 0:  # once per terminal; os.write, as print() may be mid-print in the loop
+                os.write(2, b"Ctrl-C: stopping after this step with a checkpoint; Ctrl-C again stops at once, "
+                            b"without one\n")
 
     @property
     def name(self) -> str:

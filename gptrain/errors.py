@@ -25,7 +25,11 @@ class UserError(ValueError):
 
 
 class RunError(RuntimeError):
-    """A run that cannot go on; the message is one line saying where it stopped, what was kept, what to try."""
+    """A run that cannot go on; the message is one line saying where it stopped, what was kept, what to try.
+    Printed by rank 0 only, as every rank meets it alike, unless `every_rank` says which ranks meet it
+    depends on what failed (another process that stopped answering)."""
+
+    every_rank = False
 
 
 def not_utf8(where: str, error: UnicodeDecodeError, offset: int | None = None) -> str:
@@ -60,7 +64,8 @@ def _line(error: BaseException) -> str:
 
 def command(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | None], None]:
     """A command's entry point: an expected failure ends it with `error: <message>` and its status, printed
-    once under torchrun (every rank meets such errors alike)."""
+    once under torchrun (every rank meets such errors alike) or by each rank that meets it (RunError.every_rank).
+    Ctrl-C that reaches here (a second one, see StopRequest) ends it with status 130 and no traceback."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> None:
@@ -71,7 +76,10 @@ def command(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | N
             if status is None:
                 raise
             if os.environ.get("RANK", "0") == "0":
+            if os.environ.get("RANK", "0") == "0" or getattr(e, "every_rank", False):
                 print(f"error: {_line(e)}", file=sys.stderr)
             sys.exit(status)
+        except KeyboardInterrupt:  # the shell's status for Ctrl-C (Python's own, 130, is lost once
+            sys.exit(130)  # torch._dynamo is imported), without a traceback from wherever it landed
 
     return run

@@ -28,7 +28,7 @@ from gptrain.data import BatchSampler, DataError, open_tokens, read_meta, to_dev
 from gptrain.device import autocast, environment, keep_freed_host_memory, resolve_device, resolve_dtype
 from gptrain.distributed import (
     DistInfo, StopRequest, check_parallelism, clip_grad_norm, dist_info, eager, gradient_sync, init_distributed,
-    mean_across_ranks, min_across_ranks, parallelize, place_whole, print0, teardown,
+    lost_rank, mean_across_ranks, min_across_ranks, parallelize, place_whole, print0, teardown,
 )
 from gptrain.errors import RunError, command
 from gptrain.evaluate import estimate_loss, split_bits_per_byte
@@ -484,6 +484,11 @@ def train(config: TrainConfig) -> list[dict]:
         with run.stop, bar:
             _loop(run, bar)
         finished = True
+    except RuntimeError as e:  # another process hung or died: one line in place of gloo's traceback
+        failure = lost_rank(e, info, timeout_s=config.dist_timeout_s, step=run.state.progress.step if run else None)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if run is not None:
             run.logger.close()
