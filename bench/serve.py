@@ -2,6 +2,7 @@
 
     python bench/serve.py                        # 6 layers, 384 wide, context 256 (nanoGPT's shakespeare_char)
     python bench/serve.py --clients 1 4 16 --requests 4 --max_tokens 64
+    python bench/serve.py --device cuda --clients 1 16
 
 Writes a randomly initialised character-level model (fixed seed) as a checkpoint, starts `gptrain serve`
 on it in a subprocess on a free localhost port, and for each number of clients has every client send
@@ -97,6 +98,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4, help="requests per client at each level")
     p.add_argument("--max_tokens", type=int, default=64, help="tokens per completion")
     p.add_argument("--max_batch_size", type=int, default=16, help="the server's --max_batch_size")
+    p.add_argument("--device", default="cpu", help="the server's --device (default: cpu)")
     p.add_argument("--n_layer", type=int, default=6)
     p.add_argument("--n_embd", type=int, default=384)
     p.add_argument("--n_head", type=int, default=6)
@@ -110,7 +112,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen([sys.executable, "-m", "gptrain.serve", "--model_path", str(checkpoint),
                                    "--port", str(port), "--max_batch_size", str(args.max_batch_size),
-                                   "--device", "cpu"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   "--device", args.device], cwd=ROOT, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         try:
             wait_until_up(url, server)
@@ -120,7 +122,8 @@ def main() -> None:
             server.terminate()
             server.wait()
     params = GPT(config).num_params(non_embedding=False)
-    print(f"`gptrain serve`, {params / 1e6:.1f}M-parameter char model ({args.n_layer} layers, {args.n_embd} wide, "
+    print(f"`gptrain serve --device {args.device}`, {params / 1e6:.1f}M-parameter char model "
+          f"({args.n_layer} layers, {args.n_embd} wide, "
           f"context {args.block_size}), {args.max_tokens} tokens per request, {args.requests} requests per client, "
           f"--max_batch_size {args.max_batch_size}\n")
     single = results[0][3] / results[0][1]
