@@ -7,7 +7,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -19,6 +18,7 @@ from gptrain.tokenizer import CharTokenizer
 from serving import CHARS, CPU, random_model, running_server, write_checkpoint
 
 uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")  # the tests' HTTP client, in gptrain[dev]
 
 MODERN = {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "tie_embeddings": False}
 
