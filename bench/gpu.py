@@ -84,9 +84,11 @@ def main() -> None:
     print_table(["trainer", f"ms/step, steps {SETUP.first_timed}-{args.steps - 1}", "each run",
                  "ms between step lines", "tokens/s", "MFU"], rows)
     print()
-    ratio = f"Speed ratio (nanoGPT ms/step / gptrain's): **{med[NANOGPT].ms / med[GPTRAIN].ms:.2f}x**; " if (
-        NANOGPT in med) else ""
-    print(f"{ratio}{TOKENS_PER_STEP:,} tokens a step, {flops / 1e6:.0f} MFLOP per token, peak {args.peak_tflops:g} TFLOP/s.")
+    ratio = ""
+    if NANOGPT in med:
+        ratio = f"Speed ratio (nanoGPT ms/step / gptrain's): **{med[NANOGPT].ms / med[GPTRAIN].ms:.2f}x**; "
+    print(f"{ratio}{TOKENS_PER_STEP:,} tokens a step, {flops / 1e6:.0f} MFLOP per token, "
+          f"peak {args.peak_tflops:g} TFLOP/s.")
     print("\n".join(commands))
     print("- nanoGPT's time per step is not synchronized with the GPU, but reading the loss on every log step is, "
           "so in a steady run each step's time is the GPU's; its own MFU figure (against an A100's peak) is not used.")

@@ -49,12 +49,13 @@ results=() failed=0
 
 # figure STEP: the line of the step's output that says how it went.
 figure() {
-  local o=$out/$1.out l=$out/$1.log
+  local o=$out/$1.out
   case $1 in
     deps|data) tail -n 1 "$o" ;;
     cuda_tests) grep -E "passed|failed|skipped|error" "$o" | tail -n 1 ;;
     gpt2_124m) awk -F' *[|] *' '$2 ~ /^(gptrain|nanoGPT)$/ {printf "%s %s tok/s, MFU %s; ", $2, $6, $7}' "$o" ;;
-    recipes) awk -F' *[|] *' '$2 ~ /^(baseline|modern)$/ {printf "%s: %s at the last step, %s at equal time; ", $2, $4, $6}' "$o" ;;
+    recipes) awk -F' *[|] *' '$2 ~ /^(baseline|modern)$/ {printf "%s: val %s at the end, %s at equal time; ",
+                                                                 $2, $4, $6}' "$o" ;;
     fsdp|batch_auto) { grep -E "^batch " "$o"; grep -E "tok/s" "$o" | tail -n 1; } | tr -s ' ' | paste -sd ';' ;;
     fsdp_resume) { grep -E "^resuming" "$o"; grep -E "tok/s" "$o" | tail -n 1; } | paste -sd ';' ;;
     generate) awk -F' *[|] *' '$2 ~ /^(ours|nanoGPT)/ {printf "%s: %s tok/s; ", $2, $5}' "$o" ;;

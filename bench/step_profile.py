@@ -119,7 +119,8 @@ def main() -> None:
     finally:
         handle.remove()
     if not hook.seconds:
-        sys.exit(f"{args.script} made {hook.seen} optimizer steps, fewer than --skip + --steps = {args.skip + args.steps}")
+        sys.exit(f"{args.script} made {hook.seen} optimizer steps, fewer than --skip + --steps "
+                 f"= {args.skip + args.steps}")
     summary = summarize(hook.profiler, hook.seconds, args.steps)
     summary |= {"peak_gflops": peak_fp32_gflops(), "cpu": describe_cpu(), "threads": torch.get_num_threads()}
     if args.json:

@@ -109,8 +109,9 @@ def check_data(env: Env) -> None:
                "datasets.Dataset.from_dict({'text': docs}).save_to_disk('saved')")
     for source in ("docs.parquet", "saved"):
         env.run("gptrain", "prepare", "--input", source, "--tokenizer", "gpt2", "--out_dir", f"from_{source}")
-    metas = [json.loads((env.work / out / "meta.json").read_text()) for out in ("bpe", "from_docs.parquet", "from_saved")]
-    assert metas[0]["vocab_size"] == 400 and metas[1]["train"] == metas[2]["train"]
+    bpe, parquet, saved = (json.loads((env.work / out / "meta.json").read_text())
+                           for out in ("bpe", "from_docs.parquet", "from_saved"))
+    assert bpe["vocab_size"] == 400 and parquet["train"] == saved["train"]
 
 
 def check_hf(env: Env) -> None:
