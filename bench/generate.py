@@ -52,7 +52,8 @@ def nanogpt_model(checkout: Path, weights: dict[str, torch.Tensor]) -> torch.nn.
     nano = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(nano)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
-        model = nano.GPT(nano.GPTConfig(**asdict(GPT2_124M)))
+        shape = {k: v for k, v in asdict(GPT2_124M).items() if k in nano.GPTConfig.__dataclass_fields__}  # GPT-2's keys
+        model = nano.GPT(nano.GPTConfig(**shape))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith(".attn.bias")]
     if missing or unexpected:
