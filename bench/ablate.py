@@ -4,6 +4,7 @@
     python bench/ablate.py --variants rope muon --seeds 1 --max_iters 60 --eval_interval 20   # a quick check
     python bench/ablate.py --variants rope muon --variant modern=pos_emb=rope,norm=rmsnorm,mlp=relu2,optimizer=muon
     python bench/ablate.py --input corpus.txt --tokenizer gpt2 --set n_layer=4 n_head=4 n_embd=128
+    python bench/ablate.py --config config/default.yaml --variants --variant modern=config/modern_124m.yaml ...
 
 Trains --config (default: the quick start) as the file says, --set applied to every run, once per seed
 for the baseline and for each variant, which adds its overrides (one switch for the built-in ones) and
@@ -50,11 +51,13 @@ EVALS = 16  # evaluations per run by default, besides step 0: enough for a readi
 
 
 def custom_variant(text: str) -> tuple[str, list[str]]:
-    """argparse type for --variant NAME=key=value,key=value."""
+    """argparse type for --variant NAME=key=value,key=value; a config file may stand among the pairs, so a
+    whole recipe (config/modern_124m.yaml) can be run against the baseline's config."""
     name, _, overrides = text.partition("=")
     pairs = overrides.split(",") if overrides else []
-    if not name or not pairs or not all("=" in pair for pair in pairs):
-        raise argparse.ArgumentTypeError(f"expected NAME=key=value[,key=value ...], got '{text}'")
+    if not name or not pairs or not all("=" in pair or pair.endswith((".yaml", ".yml")) for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected NAME=key=value[,key=value ...] (or a .yaml file among "
+                                         f"them), got '{text}'")
     return name, pairs
 
 
@@ -78,7 +81,8 @@ def main() -> None:
                    help=f"built-in variants to run besides the baseline (default: all: {' '.join(VARIANTS)}; "
                    "none named: only the baseline and --variant)")
     p.add_argument("--variant", type=custom_variant, action="append", default=[], metavar="NAME=K=V,K=V",
-                   help="another variant with these overrides, e.g. a combination; repeatable")
+                   help="another variant with these overrides (a .yaml file among them: a whole recipe), e.g. a "
+                   "combination; repeatable")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every run, the "
                    "baseline's included (after --config, before a variant's)")
     p.add_argument("--seeds", type=int, default=3, help="runs of each variant, seeds from the config's on "

@@ -1,12 +1,14 @@
-"""Decoding speed on the CPU: gptrain's KV-cached generation, one stream and a batch of samples, against
-nanoGPT's GPT.generate (which recomputes the whole context for every token), with the same weights.
+"""Decoding speed: gptrain's KV-cached generation, one stream and a batch of samples, against nanoGPT's
+GPT.generate (which recomputes the whole context for every token), with the same weights.
 
     python bench/generate.py --nanogpt /path/to/nanoGPT                  # 500 tokens, median of 3 (ours)
     python bench/generate.py --nanogpt /path/to/nanoGPT --tokens 40 --repeat 1
+    python bench/generate.py --device cuda --tokens 200                  # ours alone, on a GPU
 
 Builds a GPT-2 124M-shaped model (12 layers, 12 heads, 768 wide, context 1024, vocabulary 50304), randomly
 initialised under a fixed seed, and loads the same weights into nanoGPT's GPT, imported from the
-checkout's model.py (never copied here); both in eval mode, float32. Each run continues the GPT-2 tokens of
+checkout's model.py (never copied here); both in eval mode, float32, on --device (default: the CPU;
+without --nanogpt, ours alone). Each run continues the GPT-2 tokens of
 a fixed sentence by --tokens new tokens, prefill included:
   nanoGPT        GPT.generate, one stream, temperature 1 and top_k 1: deterministic, so greedy
   ours, greedy   generate_tokens with the KV cache, one stream, temperature 0
@@ -104,19 +106,44 @@ def nanogpt(model: torch.nn.Module, prompt: torch.Tensor, tokens: int) -> torch.
     return model.generate(prompt, tokens, temperature=1.0, top_k=1)[:, prompt.size(1):]
 
 
-def timed(run, repeat: int) -> tuple[list[float], torch.Tensor]:
+def timed(run, repeat: int, device: torch.device) -> tuple[list[float], torch.Tensor]:
     """Seconds of each of `repeat` calls of run(), and the tokens of the last."""
     seconds = []
     for _ in range(repeat):
         start = time.perf_counter()
         out = run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the GPU may still be working on what run() queued
         seconds.append(time.perf_counter() - start)
     return seconds, out
 
 
+def ratios(results: list, speed: list[float], tokens: int, samples: int) -> list[str]:
+    """The lines under the table: the batch against one stream, skinny against plain products, and ours
+    against nanoGPT's where it ran."""
+    *nano, greedy, sampled, batch, skinny = range(len(results))
+    lines = [f"- ours {samples} samples / ours one stream (sampled): **{speed[batch] / speed[sampled]:.1f}x** "
+             f"tokens/s (goal: 6x)",
+             f"- {samples} samples, skinny products (W @ x.T) / plain (x @ W.T): **{speed[skinny] / speed[batch]:.2f}x** "
+             f"tokens/s (worth taking into gptrain.sampling at 1.15x or more)"]
+    if not nano:
+        return lines
+    theirs_greedy, ours_greedy = results[nano[0]][3][0], results[greedy][3][0]
+    differ = (ours_greedy != theirs_greedy).nonzero()
+    if len(differ):
+        at = int(differ[0])
+        check = f"**differs** from new token {at} on (ours {int(ours_greedy[at])}, nanoGPT {int(theirs_greedy[at])})"
+    else:
+        check = f"identical for all {tokens} new tokens"
+    return [f"- ours one stream / nanoGPT one stream (greedy): **{speed[greedy] / speed[nano[0]]:.1f}x** tokens/s",
+            *lines, f"- greedy output, ours (temperature 0) vs nanoGPT (temperature 1, top_k 1): {check}"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--nanogpt", type=nanogpt_dir, required=True, help="a nanoGPT checkout (its model.py is imported)")
+    p.add_argument("--nanogpt", type=nanogpt_dir, help="a nanoGPT checkout (its model.py is imported); without "
+                   "it, ours alone")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--tokens", type=int, default=500, help="new tokens per stream")
     p.add_argument("--samples", type=int, default=16, help="streams decoded together in the batched run")
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each of ours (the median is reported)")
@@ -127,10 +154,12 @@ def main() -> None:
     if min(args.tokens, args.samples, args.repeat, args.nanogpt_repeat) < 1:
         sys.exit("--tokens, --samples, --repeat and --nanogpt_repeat must be >= 1")
 
+    device = torch.device(args.device)
     torch.manual_seed(SEED)
     model = GPT(GPT2_124M).eval()
-    theirs = nanogpt_model(args.nanogpt, model.state_dict())
-    prompt = torch.tensor([get_tokenizer("gpt2").encode(PROMPT)])
+    theirs = nanogpt_model(args.nanogpt, model.state_dict()).to(device) if args.nanogpt else None
+    model.to(device)
+    prompt = torch.tensor([get_tokenizer("gpt2").encode(PROMPT)], device=device)
     sampled = dict(temperature=args.temperature, top_k=args.top_k)
     runs = [  # label, streams, timed runs, what one run does
         ("nanoGPT `GPT.generate`, top_k=1", 1, args.nanogpt_repeat, lambda n: nanogpt(theirs, prompt, n)),
@@ -141,16 +170,18 @@ def main() -> None:
          lambda n: ours(model, prompt, n, samples=args.samples, **sampled)),
         (f"ours, {args.samples} samples in one batch, sampled, skinny products", args.samples, args.repeat,
          lambda n: skinny_products(lambda: ours(model, prompt, n, samples=args.samples, **sampled))),
-    ]
+    ][0 if theirs is not None else 1:]  # nanoGPT's row only with its checkout
     results = []
     for label, streams, repeat, run in runs:
         run(WARMUP_TOKENS)
-        seconds, out = timed(lambda: run(args.tokens), repeat)
+        seconds, out = timed(lambda: run(args.tokens), repeat, device)
         results.append((label, streams, seconds, out))
         print(f"{label}: {', '.join(f'{s:.2f}' for s in seconds)} s", file=sys.stderr)
 
-    print(f"Generation, GPT-2 124M shape, float32, CPU: {args.tokens} new tokens after a {prompt.size(1)}-token "
-          f"prompt; the median of {args.repeat} runs of ours and {args.nanogpt_repeat} of nanoGPT's, prefill included\n")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    nano_runs = f" and {args.nanogpt_repeat} of nanoGPT's" if theirs is not None else ""
+    print(f"Generation, GPT-2 124M shape, float32, {where}: {args.tokens} new tokens after a {prompt.size(1)}-token "
+          f"prompt; the median of {args.repeat} runs of ours{nano_runs}, prefill included\n")
     speed, rows = [], []
     for label, streams, seconds, _ in results:
         speed.append(streams * args.tokens / median(seconds))
@@ -158,19 +189,8 @@ def main() -> None:
                      f"{1000 / speed[-1]:.2f}", f"{1000 * median(seconds) / args.tokens:.2f}"])
     print_table(["run", "streams", "runs (s)", "tokens / s", "ms / token", "ms / step"], rows)
 
-    theirs_greedy, ours_greedy = results[0][3][0], results[1][3][0]
-    differ = (ours_greedy != theirs_greedy).nonzero()
-    if len(differ):
-        at = int(differ[0])
-        check = f"**differs** from new token {at} on (ours {int(ours_greedy[at])}, nanoGPT {int(theirs_greedy[at])})"
-    else:
-        check = f"identical for all {args.tokens} new tokens"
-    print(f"\n- ours one stream / nanoGPT one stream (greedy): **{speed[1] / speed[0]:.1f}x** tokens/s")
-    print(f"- ours {args.samples} samples / ours one stream (sampled): **{speed[3] / speed[2]:.1f}x** tokens/s "
-          f"(goal: 6x)")
-    print(f"- {args.samples} samples, skinny products (W @ x.T) / plain (x @ W.T): **{speed[4] / speed[3]:.2f}x** "
-          f"tokens/s (worth taking into gptrain.sampling at 1.15x or more)")
-    print(f"- greedy output, ours (temperature 0) vs nanoGPT (temperature 1, top_k 1): {check}")
+    print()
+    print("\n".join(ratios(results, speed, args.tokens, args.samples)))
     print(describe_machine(args.nanogpt))
 
 

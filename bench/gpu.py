@@ -3,6 +3,7 @@
     python bench/gpu.py --nanogpt ~/nanoGPT                       # 30 steps, one run of each
     python bench/gpu.py --nanogpt ~/nanoGPT --repeat 2 --peak_tflops 312    # e.g. an A100
     python bench/gpu.py --nanogpt ~/nanoGPT --dry_run             # print the two commands; runs anywhere
+    python bench/gpu.py                                           # gptrain alone
 
 Both train GPT-2 124M (12 layers, 12 heads, 768 wide, context 1024, vocabulary 50,304, with biases) in
 bfloat16 with torch.compile and fused AdamW, 40 micro-batches of 12 sequences a step (491,520 tokens),
@@ -11,7 +12,7 @@ steps compile), the script takes the median of the per-step times each prints an
 way for both: tokens/s = tokens per step / seconds per step, and MFU = tokens/s x FLOPs per token /
 peak, with gptrain.model.GPT.flops_per_token (6 x parameters without the position table + 12 x layers
 x width x context: 855 MFLOP) and --peak_tflops (989: H100 / H200 SXM, dense bf16). Runs alternate,
-gptrain first. Not part of the test suite.
+gptrain first; without --nanogpt, gptrain runs alone. Not part of the test suite.
 """
 
 import argparse
@@ -47,7 +48,7 @@ def flops_per_token() -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--nanogpt", type=nanogpt_dir, required=True, help="a nanoGPT checkout (only read)")
+    p.add_argument("--nanogpt", type=nanogpt_dir, help="a nanoGPT checkout (only read); without it, gptrain alone")
     p.add_argument("--steps", type=int, default=SETUP.steps, help=f"training steps per run (default: {SETUP.steps})")
     p.add_argument("--repeat", type=int, default=SETUP.repeat, help=f"runs of each trainer (default: {SETUP.repeat})")
     p.add_argument("--peak_tflops", type=float, default=989.0,
@@ -61,17 +62,21 @@ def main() -> None:
 
     with Workspace(args.nanogpt) as work:
         ours, theirs = SETUP.commands(work, args.steps)
-        commands = [f"- gptrain: `{work.shown(work.gptrain_command(ours))}`",
-                    f"- nanoGPT: `{work.shown(work.nanogpt_command(theirs))}`"]
+        commands = [f"- gptrain: `{work.shown(work.gptrain_command(ours))}`"]
+        if args.nanogpt:
+            commands.append(f"- nanoGPT: `{work.shown(work.nanogpt_command(theirs))}`")
         if args.dry_run:
             print("\n".join(commands))
             return
-        work.prepare(SETUP.tokenizer)
+        if args.nanogpt:
+            work.prepare(SETUP.tokenizer)
+        else:
+            work.prepare_gptrain(SETUP.tokenizer)
         runs = time_steps(work, SETUP, args.steps, args.repeat)
 
     flops, med = flops_per_token(), summary(runs)
     rows = []
-    for trainer in (NANOGPT, GPTRAIN):
+    for trainer in sorted(runs, key=lambda t: t is GPTRAIN):  # nanoGPT first, as in the other tables
         tokens_per_sec = TOKENS_PER_STEP / (med[trainer].ms / 1000)
         rows.append([trainer.name, f"{med[trainer].ms:,.0f}", ", ".join(f"{r.ms:,.0f}" for r in runs[trainer]),
                      f"{med[trainer].gap_ms:,.0f}", f"{tokens_per_sec:,.0f}",
@@ -79,8 +84,11 @@ def main() -> None:
     print_table(["trainer", f"ms/step, steps {SETUP.first_timed}-{args.steps - 1}", "each run",
                  "ms between step lines", "tokens/s", "MFU"], rows)
     print()
-    print(f"Speed ratio (nanoGPT ms/step / gptrain's): **{med[NANOGPT].ms / med[GPTRAIN].ms:.2f}x**; "
-          f"{TOKENS_PER_STEP:,} tokens a step, {flops / 1e6:.0f} MFLOP per token, peak {args.peak_tflops:g} TFLOP/s.")
+    ratio = ""
+    if NANOGPT in med:
+        ratio = f"Speed ratio (nanoGPT ms/step / gptrain's): **{med[NANOGPT].ms / med[GPTRAIN].ms:.2f}x**; "
+    print(f"{ratio}{TOKENS_PER_STEP:,} tokens a step, {flops / 1e6:.0f} MFLOP per token, "
+          f"peak {args.peak_tflops:g} TFLOP/s.")
     print("\n".join(commands))
     print("- nanoGPT's time per step is not synchronized with the GPU, but reading the loss on every log step is, "
           "so in a steady run each step's time is the GPU's; its own MFU figure (against an A100's peak) is not used.")

@@ -1,9 +1,10 @@
-"""Serving on the CPU: throughput under 1, 4 and 16 clients; a flood of clients against the bounded queue;
+"""Serving: throughput under 1, 4 and 16 clients; a flood of clients against the bounded queue;
 the inter-token latency of short requests while a long prompt arrives.
 
     python bench/serve.py levels                 # 6 layers, 384 wide, context 256 (nanoGPT's shakespeare_char)
     python bench/serve.py levels --clients 1 4 16 --requests 4 --max_tokens 64
     python bench/serve.py overload --flood 256 --waves 3
+    python bench/serve.py levels --device cuda --clients 1 16
     git worktree add /tmp/before <commit> && python bench/serve.py long_prompt --code /tmp/before .
 
 Each scenario writes a randomly initialised character-level model (fixed seed) as a checkpoint and starts
@@ -69,12 +70,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(checkpoint: Path, *options: str, code: Path = ROOT):
+def serving(checkpoint: Path, *options: str, code: Path = ROOT, device: str = "cpu"):
     """`gptrain serve` of the checkout `code` on a free port; yields its URL and process id."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "gptrain.serve", "--model_path", str(checkpoint),
-                               "--port", str(port), "--device", "cpu", *options], cwd=code,
+                               "--port", str(port), "--device", device, *options], cwd=code,
                               env={**os.environ, "PYTHONPATH": str(code)}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
@@ -133,11 +134,11 @@ async def run_level(url: str, clients: int, requests: int, max_tokens: int) -> t
 
 
 def levels(args, checkpoint: Path) -> None:
-    with serving(checkpoint, "--max_batch_size", str(args.max_batch_size)) as (url, _):
+    with serving(checkpoint, "--max_batch_size", str(args.max_batch_size), device=args.device) as (url, _):
         results = [(clients, *asyncio.run(run_level(url, clients, args.requests, args.max_tokens)))
                    for clients in args.clients]
-    print(f"{args.max_tokens} tokens per request, {args.requests} requests per client, --max_batch_size "
-          f"{args.max_batch_size}\n")
+    print(f"--device {args.device}, {args.max_tokens} tokens per request, {args.requests} requests per client, "
+          f"--max_batch_size {args.max_batch_size}\n")
     single = results[0][3] / results[0][1]
     rows = [[str(clients), str(len(latencies)), f"{tokens / seconds:.0f}", f"{(tokens / seconds) / single:.1f}x",
              f"{percentile(latencies, 50):.2f}", f"{percentile(latencies, 99):.2f}"]
@@ -245,6 +246,7 @@ def main() -> None:
     p.add_argument("--code", type=Path, nargs="+", default=[ROOT],
                    help="long_prompt: checkouts to serve from, in turn (default: this one)")
     p.add_argument("--max_batch_size", type=int, default=16, help="the server's --max_batch_size")
+    p.add_argument("--device", default="cpu", help="levels: the server's --device (default: cpu)")
     p.add_argument("--n_layer", type=int, default=6)
     p.add_argument("--n_embd", type=int, default=384)
     p.add_argument("--n_head", type=int, default=6)

@@ -27,6 +27,8 @@ from typing import NamedTuple
 
 import torch
 
+from cpu import describe_cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "tinyshakespeare.txt"
 NEVER = 10**9  # an eval_interval that no run reaches, so only the evaluations every run makes remain
@@ -206,11 +208,12 @@ class Timing(NamedTuple):
 
 
 def time_steps(work: Workspace, setup: Setup, steps: int, repeat: int) -> dict[Trainer, list[Timing]]:
-    """Each run of each trainer, timed; runs alternate, gptrain first."""
+    """Each run of each trainer, timed; runs alternate, gptrain first (gptrain alone without a nanoGPT checkout)."""
     ours, theirs = setup.commands(work, steps)
-    runs = {GPTRAIN: [], NANOGPT: []}
+    sides = [(GPTRAIN, work.run_gptrain, ours)] + ([(NANOGPT, work.run_nanogpt, theirs)] if work.nanogpt else [])
+    runs = {trainer: [] for trainer, _, _ in sides}
     for i in range(repeat):
-        for trainer, launch, args in ((GPTRAIN, work.run_gptrain, ours), (NANOGPT, work.run_nanogpt, theirs)):
+        for trainer, launch, args in sides:
             result = launch(args)
             ms = result.step_ms(trainer, setup.first_timed)
             if len(ms) != steps - setup.first_timed:
@@ -266,16 +269,6 @@ def _git_commit(path: Path) -> str:
     return done.stdout.strip() or "unknown"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def describe_machine(nanogpt: Path | None = None) -> str:
     """Machine, versions, date and the exact command, as lines to paste under a table."""
     threads = f"{torch.get_num_threads()} torch threads" + (
@@ -283,7 +276,7 @@ def describe_machine(nanogpt: Path | None = None) -> str:
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     commits = f"gptrain {_git_commit(ROOT)}" + (f", nanoGPT {_git_commit(nanogpt)}" if nanogpt else "")
     return "\n".join([
-        f"Machine: {_cpu_model()}, {os.cpu_count()} cores ({threads}){gpu}; torch {torch.__version__}, "
+        f"Machine: {describe_cpu()}, {os.cpu_count()} cores ({threads}){gpu}; torch {torch.__version__}, "
         f"Python {platform.python_version()}; {commits}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"Command: `{shlex.join(['python', *sys.argv])}`",
     ])

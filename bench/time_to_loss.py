@@ -13,12 +13,14 @@ the work directory; --ours adds overrides), timed from launch to its first evalu
 where it is stopped; --full lets it finish and reports its final val loss and total time as well.
 Ratio = gptrain's time / nanoGPT's (< 1: gptrain is faster). Both train on the same token files (each
 trainer's own `prepare` makes identical ones) but each draws its own evaluation batches, so equal
-losses agree to about 0.01. Not part of the test suite.
+losses agree to about 0.01. The CPU's kind (native bfloat16 or not) is printed with a bf16 / fp32
+matmul check; --no_native_bf16 runs both trainers on the path without it. Not part of the test suite.
 """
 
 import argparse
 import sys
 
+from cpu import add_bf16_option, bf16_paths
 from side_by_side import GPTRAIN, NANOGPT, Workspace, describe_machine, median, nanogpt_dir, print_table
 
 
@@ -39,7 +41,9 @@ def main() -> None:
                    "(default: 2000, the recipe's); fewer only to check this script quickly")
     p.add_argument("--full", action="store_true", help="let gptrain finish instead of stopping it at the target")
     p.add_argument("--repeat", type=int, default=1, help="runs of each, alternating (default: 1)")
+    add_bf16_option(p)
     args = p.parse_args()
+    bf16 = bf16_paths(force=args.no_native_bf16)  # before any measured process starts
 
     recipe = nanogpt_recipe(args.nano_max_iters)
     rows, ratios = [], []
@@ -86,6 +90,7 @@ def main() -> None:
     print(f"- nanoGPT: `{work.shown(work.nanogpt_command(recipe))}`")
     print("- Times run from launching each process (Python start-up, imports, data and model set-up included) to the "
           "moment its evaluation line was printed; both evaluate at step 0 and every eval_interval steps.")
+    print(f"- {bf16}")
     print(describe_machine(args.nanogpt))
 
 

@@ -11,13 +11,25 @@ Configs (the same model and batch on both sides, biases included; float32, no co
 Runs alternate, gptrain first. ms/step is the median of the per-step times each trainer prints, from
 the config's first timed step on (the earlier ones warm up, and nanoGPT's step 0 includes an
 evaluation), then the median over runs. Speed ratio = nanoGPT ms/step / gptrain's (> 1: gptrain is
-faster). Peak RSS is each trainer process's own high-water mark. Not part of the test suite.
+faster). Peak RSS is each trainer process's own high-water mark.
+
+Then each trainer runs once more under bench/step_profile.py, which profiles the steps after the warm-up
+ones (20 for a, 3 for b; --no_profile skips this) and times a 2048^3 float32 matmul in the same process:
+a second table splits a step into matrix products (with their GFLOP/s against that peak), attention,
+other ops and time outside any op, side by side. The CPU's kind (native bfloat16 or not) is printed
+with a bf16 / fp32 matmul check; --no_native_bf16 runs every process on the path without it. Not part
+of the test suite.
 """
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
+from cpu import add_bf16_option, bf16_paths
 from side_by_side import (
-    GPTRAIN, NANOGPT, Setup, Workspace, describe_machine, nanogpt_dir, print_table, summary, time_steps,
+    GPTRAIN, NANOGPT, ROOT, Setup, Trainer, Workspace, describe_machine, nanogpt_dir, print_table, run, summary,
+    time_steps,
 )
 
 SETUPS = {
@@ -37,6 +49,45 @@ SETUPS = {
         nanogpt=("--gradient_accumulation_steps=1",),  # vocabulary: 50,304 when the data has no meta.pkl
     ),
 }
+PROFILED = {"a": 20, "b": 3}  # steps profiled, after each setup's first_timed
+
+
+def profile_steps(work: Workspace, name: str) -> dict[Trainer, dict]:
+    """Each trainer's step_profile.py summary for setup `name`, run as it is timed."""
+    setup, profiled = SETUPS[name], PROFILED[name]
+    ours, theirs = setup.commands(work, setup.first_timed + profiled + 1)
+    summaries = {}
+    for trainer, command, cwd in ((NANOGPT, work.nanogpt_command(theirs), work.dir),
+                                  (GPTRAIN, work.gptrain_command(ours), ROOT)):
+        out = work.dir / f"profile_{name}_{trainer.name}.json"
+        run([sys.executable, str(Path(__file__).with_name("step_profile.py")), "--skip", str(setup.first_timed),
+             "--steps", str(profiled), "--json", str(out), "--", *command[1:]], cwd)
+        summaries[trainer] = json.loads(out.read_text())
+        print(f"{setup.title}, profiled {trainer.name}: {summaries[trainer]['step_ms']:,.1f} ms/step",
+              file=sys.stderr, flush=True)
+    return summaries
+
+
+def profile_table(name: str, summaries: dict[Trainer, dict]) -> None:
+    """Where a step of setup `name` goes, one column per trainer."""
+    def share(key: str) -> list[str]:
+        return [f"{s[key]:,.1f} ms ({s[key] / s['step_ms']:.0%})" for s in summaries.values()]
+
+    print_table([f"{name}: where a step goes (torch.profiler, {PROFILED[name]} steps)",
+                 *(t.name for t in summaries)], [
+        ["step, under the profiler", *(f"{s['step_ms']:,.1f} ms" for s in summaries.values())],
+        ["matrix products (mm, addmm, bmm, linear, matmul)", *share("matmul_ms")],
+        ["their rate, against the float32 peak in the same process",
+         *(f"{s['matmul_gflops']:,.0f} GFLOP/s ({s['matmul_gflops'] / s['peak_gflops']:.0%} of {s['peak_gflops']:,.0f})"
+           for s in summaries.values())],
+        ["attention (scaled_dot_product kernels)", *share("attention_ms")],
+        ["other ops", *share("other_ms")],
+        ["outside any op (Python, the loop)", *share("outside_ms")],
+    ])
+    print()
+    for trainer, s in summaries.items():
+        print(f"- {name}, {trainer.name}'s largest other ops, ms/step: "
+              + ", ".join(f"{op} {ms:.2f}" for op, ms in s["top_other"]))
 
 
 def main() -> None:
@@ -45,12 +96,15 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", choices=sorted(SETUPS), default=sorted(SETUPS), help="default: a b")
     p.add_argument("--steps", type=int, help="training steps per run (default: 300 for a, 8 for b)")
     p.add_argument("--repeat", type=int, help="runs of each trainer (default: 3 for a, 2 for b)")
+    p.add_argument("--no_profile", action="store_true", help="skip the profiled run of each trainer")
+    add_bf16_option(p)
     args = p.parse_args()
     for name in args.configs:
         if (args.steps or SETUPS[name].steps) <= SETUPS[name].first_timed:
             p.error(f"config {name} times steps {SETUPS[name].first_timed} and later: --steps must be over that")
 
-    rows, notes = [], []
+    bf16 = bf16_paths(force=args.no_native_bf16)  # before any measured process starts
+    rows, notes, profiles = [], [], {}
     with Workspace(args.nanogpt) as work:
         for name in dict.fromkeys(args.configs):
             setup = SETUPS[name]
@@ -68,6 +122,8 @@ def main() -> None:
                           f"{t.name} {med[t].gap_ms:,.1f}" for t in runs),
                       f"- {name}, gptrain: `{work.shown(work.gptrain_command(ours))}`",
                       f"- {name}, nanoGPT: `{work.shown(work.nanogpt_command(theirs))}`"]
+            if not args.no_profile:
+                profiles[name] = profile_steps(work, name)
 
     print_table(["config", "steps timed", "runs", "nanoGPT ms/step", "gptrain ms/step",
                  "speed ratio (nanoGPT / gptrain)", "nanoGPT peak RSS", "gptrain peak RSS"], rows)
@@ -80,6 +136,11 @@ def main() -> None:
     print("- Writes besides the console: gptrain metrics.jsonl (a line a step), config.yaml and environment.json, "
           "and ckpt.pt after its final evaluation, past the timed steps (TensorBoard off); nanoGPT nothing "
           "(it checkpoints only at evaluations after step 0).")
+    for name, summaries in profiles.items():
+        print()
+        profile_table(name, summaries)
+    print()
+    print(f"- {bf16}")
     print(describe_machine(args.nanogpt))
 
 

@@ -75,7 +75,6 @@ def command(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | N
             status = _status(e)
             if status is None:
                 raise
-            if os.environ.get("RANK", "0") == "0":
             if os.environ.get("RANK", "0") == "0" or getattr(e, "every_rank", False):
                 print(f"error: {_line(e)}", file=sys.stderr)
             sys.exit(status)

@@ -50,6 +50,7 @@ def test_prepare_without_an_extra_stops_with_one_line(tmp_path, capsys, monkeypa
 
 
 def test_a_saved_bpe_tokenizer_without_tokenizers_is_a_tokenizer_error(monkeypatch):
+    pytest.importorskip("tokenizers")  # to train the tokenizer whose checkpoint then meets its absence
     meta = get_tokenizer("bpe", ["to be or not to be"], vocab_size=260).meta()  # as a checkpoint stores it
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(TokenizerError) as error:  # `gptrain generate` prints these as one line

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from gptrain import prepare, sources
 from gptrain.tokenizer import GPT2Tokenizer, from_meta
@@ -221,6 +220,8 @@ def test_a_non_ascii_file_read_in_small_pieces_gives_the_ids_of_the_whole_text(
 ):
     """A single file's first 90% of bytes (moved to a character boundary) is the train text, the rest val;
     reading it in pieces of a few bytes, splitting every multi-byte character, changes no id."""
+    if tokenizer == "bpe":
+        pytest.importorskip("tokenizers")
     monkeypatch.setattr(sources, "PIECE_BYTES", piece_bytes)
     monkeypatch.setattr(prepare, "CHUNK_CHARS", 500)
     data = NON_ASCII.encode()
@@ -285,6 +286,7 @@ def test_every_source_format_gives_the_documents_plus_one_eot_each(tmp_path, kin
 
 
 def test_streaming_a_dataset_with_max_docs(tmp_path):
+    pytest.importorskip("datasets")
     write_corpus("jsonl", tmp_path)
     out = tmp_path / "out"
     run("--dataset", str(tmp_path), "--streaming", "--max_docs", "10", "--out_dir", str(out))
@@ -294,6 +296,7 @@ def test_streaming_a_dataset_with_max_docs(tmp_path):
 
 
 def test_openwebtext_shim_passes_its_defaults_and_extra_flags(tmp_path):
+    pytest.importorskip("datasets")
     write_corpus("jsonl", tmp_path)  # stands in for the hub dataset: --dataset given later wins
     shim = Path(__file__).parents[1] / "data" / "openwebtext" / "preprocess.py"
     out = tmp_path / "owt"
@@ -305,6 +308,7 @@ def test_openwebtext_shim_passes_its_defaults_and_extra_flags(tmp_path):
 
 
 def test_bpe_is_trained_saved_and_decodes_the_data(tmp_path):
+    pytest.importorskip("tokenizers")
     run("--input", str(write_corpus("jsonl", tmp_path)), "--tokenizer", "bpe", "--vocab_size", "400",
         "--out_dir", str(tmp_path / "out"))
     meta, train, val = load(tmp_path / "out")
@@ -316,6 +320,9 @@ def test_bpe_is_trained_saved_and_decodes_the_data(tmp_path):
 
 
 def test_large_vocabulary_uses_uint32_and_refuses_uint16(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
     vocab = {f"w{i}": i for i in range(70_000)} | {"[UNK]": 70_000, "</s>": 70_001}
     hf = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

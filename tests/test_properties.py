@@ -5,11 +5,13 @@ from dataclasses import fields
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from gptrain.config import ConfigError, TrainConfig, load_config
 from gptrain.sampling import nucleus, sample_generators, sample_next
+
+pytest.importorskip("hypothesis")  # gptrain[dev]
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 QUICK = settings(max_examples=60, deadline=None, database=None)  # database=None: no .hypothesis/ folder
 # text as typed on a command line: any character but '$' (OmegaConf reads ${...} as an interpolation)

@@ -128,6 +128,7 @@ def test_stream_decoder_waits_for_whole_utf8_characters():
 
 
 def test_stream_decoder_keeps_sentencepiece_spaces():
+    pytest.importorskip("tokenizers")  # gptrain[data]
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     sp = Tokenizer(models.BPE())

@@ -8,7 +8,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -20,6 +19,7 @@ from gptrain.tokenizer import CharTokenizer
 from serving import CHARS, CPU, free_port, port_is_free, random_model, running_server, serve_command, write_checkpoint
 
 uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")  # the tests' HTTP client, in gptrain[dev]
 
 MODERN = {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "tie_embeddings": False}
 

@@ -5,9 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import datasets
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from gptrain import sources
@@ -28,6 +25,7 @@ NON_ASCII = "\n\n  " + "".join(
 def write_corpus(kind: str, root: Path) -> Path:
     """DOCS in one of the formats `gptrain prepare --input` reads."""
     if kind == "datasets":
+        datasets = pytest.importorskip("datasets")  # gptrain[data], as are pyarrow and tokenizers
         datasets.Dataset.from_dict({"text": DOCS, "id": list(range(len(DOCS)))}).save_to_disk(str(root / "ds"))
         return root / "ds"
     if kind == "jsonl":
@@ -35,6 +33,7 @@ def write_corpus(kind: str, root: Path) -> Path:
         path.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(DOCS)))
         return path
     if kind == "parquet":
+        pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
         pq.write_table(pa.table({"text": DOCS}), root / "docs.parquet")
         return root / "docs.parquet"
     (root / "txt").mkdir()
@@ -125,6 +124,7 @@ def test_a_bad_input_is_one_line_naming_it(tmp_path, files, given, message):
 
 
 def test_a_saved_dataset_dict_opens_the_split_asked_for(tmp_path):
+    datasets = pytest.importorskip("datasets")
     both = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": DOCS[:3]}),
                                  "test": datasets.Dataset.from_dict({"text": DOCS[3:5]})})
     both.save_to_disk(str(tmp_path / "dd"))
