@@ -75,7 +75,7 @@ def test_a_job_stopped_near_its_time_limit_requeues_itself_and_resumes(slurm, tm
     job.process.send_signal(signal.SIGUSR1)  # --signal=B:USR1@120: to the batch shell alone
     code, stdout, stderr = job.wait(timeout=120)
     assert code == 0, stdout + stderr
-    stopped = load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"]
+    stopped = load_checkpoint(tmp_path / "out" / "ckpt.pt").progress.step
     assert f"stopped at iter {stopped} on SIGUSR1" in stdout and stopped < 300
     assert slurm.calls("scontrol requeue") == ["scontrol requeue 4242"]
 
@@ -83,7 +83,7 @@ def test_a_job_stopped_near_its_time_limit_requeues_itself_and_resumes(slurm, tm
     code, stdout, stderr = again.wait(timeout=300)
     assert code == 0, stdout + stderr
     assert re.search(rf"resuming from {re.escape(str(tmp_path / 'out'))}/ckpt\S*\.pt \(iter {stopped}\)", stdout)
-    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 300
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt").progress.step == 300
     assert len(slurm.calls("scontrol requeue")) == 1  # finished: not again
     assert len(slurm.calls("srun")) == 2
 
