@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gptrain.errors import UserError, command
+
 IGNORED_BY_TORCHRUN = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler may send to every process of a job
 TO_WORKERS = (*IGNORED_BY_TORCHRUN, signal.SIGINT)
 TO_TORCHRUN = (signal.SIGHUP, signal.SIGQUIT)  # the terminal's other signals, which no longer reach it
@@ -40,11 +42,35 @@ def _children(pid: int) -> list[int]:
             for child in children.read_text().split()]
 
 
+def check(args: list[str]) -> None:
+    """What torchrun would otherwise meet in each worker, or deep in its own start, each a traceback."""
+    from torch.distributed.run import get_args_parser  # torch: a second to import, so only here
+
+    parser = get_args_parser()
+
+    def refuse(message: str):  # one line, not argparse's page of usage
+        raise UserError(f"{message} (torchrun's options: python -m torch.distributed.run --help)")
+
+    parser.error = refuse
+    parsed = parser.parse_args(args)
+    nproc = parsed.nproc_per_node
+    if not ((nproc.isdigit() and int(nproc) > 0) or nproc in ("auto", "cpu", "gpu", "xpu")):
+        raise UserError(f"--nproc_per_node={nproc}: give a number of processes per node, or auto, cpu or gpu")
+    if not (parsed.module or parsed.no_python or Path(parsed.training_script).is_file()):
+        raise UserError(f"{parsed.training_script}: no such training script (gptrain launch [torchrun options] "
+                        f"train.py [config.yaml ...] [key=value ...])")
+
+
+@command
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
+    if args[:1] in (["-h"], ["--help"]):
         print(__doc__.strip())
-        sys.exit(0 if args else 2)
+        return
+    if not args:
+        raise UserError("give the training script: gptrain launch [torchrun options] train.py [config.yaml ...] "
+                        "[key=value ...]")
+    check(args)
     torchrun = [sys.executable, "-m", "torch.distributed.run", *args]
     if not Path(f"/proc/{os.getpid()}/task").is_dir():
         os.execv(sys.executable, torchrun)

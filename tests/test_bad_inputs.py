@@ -8,7 +8,9 @@ so every row also checks that nothing in it changed), {data} the prepared char-l
 latin1.txt (a prompt that is not UTF-8) and corpus.txt (a small text to prepare).
 """
 
+import errno
 import hashlib
+import os
 import importlib.util
 import shutil
 from pathlib import Path
@@ -212,6 +214,14 @@ ROWS = [
         marks=needs("matplotlib")),
     row(["plot", "{files}", "-o", "{tmp}/curves.png"], "{files} has no metrics.jsonl", id="plot-folder-without-metrics",
         marks=needs("matplotlib")),
+    # launch: checked before torchrun starts, which would meet each of these in every worker, as a traceback
+    row(["launch"], "give the training script: gptrain launch [torchrun options] train.py", id="launch-nothing"),
+    row(["launch", "--nproc_per_node", "2", "{tmp}/nope.py"], "{tmp}/nope.py: no such training script",
+        id="launch-missing-script"),
+    row(["launch", "--nproc_per_node=x", "train.py"], "--nproc_per_node=x: give a number of processes per node",
+        id="launch-nproc_per_node-not-a-number"),
+    row(["launch", "--nprocs_per_node=2", "train.py"], "unrecognized arguments: --nprocs_per_node=2",
+        id="launch-misspelled-option"),
 ]
 
 
@@ -273,3 +283,30 @@ def test_a_real_bug_keeps_its_traceback(command, internal, world, tmp_path, monk
     with pytest.raises(RuntimeError, match="a bug, not the user's doing"):  # out of main, not SystemExit(2)
         cli([arg.format(**world, tmp=tmp_path) for arg in command])
     assert "error:" not in capsys.readouterr().err
+
+
+def os_error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+@pytest.mark.parametrize("failure, line", [
+    (os_error(errno.ENOSPC), "error: [Errno 28] No space left on device"),
+    (os_error(errno.EDQUOT), "error: [Errno 122] Disk quota exceeded"),
+    (os_error(errno.EIO), "error: [Errno 5] Input/output error"),
+    (os_error(errno.EROFS), "error: [Errno 30] Read-only file system"),
+    (os_error(errno.ENOMEM), "error: [Errno 12] Cannot allocate memory"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); lower batch_size"),
+    (MemoryError(), "error: out of memory (MemoryError); lower batch_size"),
+], ids=["ENOSPC", "EDQUOT", "EIO", "EROFS", "ENOMEM", "cuda-oom", "host-oom"])
+def test_a_failure_at_run_time_is_one_line_and_exit_1(failure, line, world, tmp_path, monkeypatch, capsys):
+    """The machine's failures, met anywhere in a run, are not the user's input: exit 1, not 2."""
+    def fails(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr("gptrain.train.train", fails)
+    with pytest.raises(SystemExit) as stopped:
+        cli([arg.format(**world, tmp=tmp_path) for arg in TRAIN])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1
+    assert err.count("\n") == 1 and err.startswith(line), err
