@@ -1,4 +1,5 @@
 import errno
+import io
 import multiprocessing
 import os
 import random
@@ -75,19 +76,32 @@ def test_a_corrupt_checkpoint_is_refused_by_its_checksum(tiny_config, tmp_path):
     assert load_checkpoint(path).tensors["model"]["transformer.wte.weight"][0, 0] == state["model"]["transformer.wte.weight"][0, 0]
 
 
-def test_resume_falls_back_past_a_truncated_newest_checkpoint(tiny_config, tmp_path, capsys):
+def changed_weight(data: bytes) -> bytes:
+    """The checkpoint's bytes with one weight changed and its stored checksum kept."""
+    state = torch.load(io.BytesIO(data), weights_only=True)
+    state["model"]["transformer.wte.weight"][0, 0] += 1e-3
+    out = io.BytesIO()
+    torch.save(state, out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda data: data[:len(data) // 2], "not a file torch.save wrote, or one cut short"),
+    (changed_weight, "does not match the checksum saved with it"),
+], ids=["truncated", "corrupt"])
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(damage, why, tiny_config, tmp_path, capsys):
     whole = train(tiny_config("max_iters=8", "eval_interval=2", f"out_dir={tmp_path / 'whole'}"))
     train(tiny_config("max_iters=6", "eval_interval=2"))
     newest = tmp_path / "out" / "ckpt-000006.pt"
     data = newest.read_bytes()
-    newest.unlink()  # ckpt.pt, its hard link, keeps the bytes; truncate both names' copies
-    newest.write_bytes(data[:len(data) // 2])
+    newest.unlink()  # ckpt.pt, its hard link, keeps the bytes; damage both names' copies
+    newest.write_bytes(damage(data))
     (tmp_path / "out" / "ckpt.pt").unlink()
     os.link(newest, tmp_path / "out" / "ckpt.pt")
     capsys.readouterr()
     resumed = train(tiny_config("max_iters=8", "eval_interval=2", "init_from=resume"))
     out = capsys.readouterr().out
-    assert f"note: skipped a checkpoint: cannot load {newest}: not a file torch.save wrote, or one cut short" in out
+    assert "note: skipped a checkpoint: " in out and why in out
     assert f"resuming from {tmp_path / 'out' / 'ckpt-000004.pt'} (iter 4)" in out
     train_loss = lambda h: {r["step"]: r["train/loss"] for r in h if "train/loss" in r}  # noqa: E731
     assert train_loss(resumed) == {s: v for s, v in train_loss(whole).items() if s >= 4}
@@ -214,3 +228,13 @@ def test_a_save_clears_what_a_save_killed_mid_write_left(tmp_path):
         leftover.write_bytes(b"half a checkpoint")
     save_checkpoint(tmp_path, model=model, progress=Progress(step=3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000003.pt", "ckpt.pt"]
+
+
+def test_the_newest_keep_last_n_and_the_best_are_kept(tiny_config, tmp_path):
+    history = train(tiny_config("max_iters=12", "eval_interval=2", "keep_last_n=2"))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("ckpt*.pt")) == ["ckpt-000010.pt", "ckpt-000012.pt", "ckpt-best.pt",
+                                                           "ckpt.pt"]
+    assert (out / "ckpt.pt").samefile(out / "ckpt-000012.pt")
+    val = {r["step"]: r["val/loss"] for r in history if "val/loss" in r and r["step"] > 0}
+    assert load_checkpoint(out / "ckpt-best.pt").progress.best_val_loss == pytest.approx(min(val.values()))
