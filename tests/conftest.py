@@ -9,6 +9,17 @@ from gptrain.config import load_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_two_ranks(target, tmp_path: Path):
+    """target(rank, init_file, results) on 2 spawned processes that rendezvous through a file in tmp_path;
+    returns the queue they put their results in."""
+    import torch.multiprocessing
+
+    results = torch.multiprocessing.get_context("spawn").Queue()
+    torch.multiprocessing.start_processes(target, args=(str(tmp_path / "init"), results), nprocs=2,
+                                          start_method="spawn")
+    return results
+
+
 def prepare_char_data(root: Path) -> Path:
     """The first 200 kB of tiny-shakespeare, prepared by the real `gptrain prepare` at character level
     into root/data (deterministic: tests/fixtures/make_fixtures.py trains on the same)."""

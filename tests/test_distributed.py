@@ -20,6 +20,8 @@ from gptrain.distributed import DistInfo, lost_rank
 from gptrain.model import GPT
 from gptrain.train import train
 
+from conftest import run_two_ranks
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # 2 global micro-batches a step, 3 eval batches (uneven over 2 ranks), dropout on: the run must not
@@ -400,10 +402,7 @@ def _signal_one_rank(rank: int, init_file: str, results) -> None:
 
 
 def test_a_signal_to_one_rank_stops_every_rank_and_each_knows_which(tmp_path):
-    context = torch.multiprocessing.get_context("spawn")
-    results = context.Queue()
-    torch.multiprocessing.start_processes(_signal_one_rank, args=(str(tmp_path / "init"), results), nprocs=2,
-                                          start_method="spawn")
+    results = run_two_ranks(_signal_one_rank, tmp_path)
     assert sorted(results.get(timeout=10) for _ in range(2)) == [(0, False, True, "SIGUSR1"),
                                                                  (1, False, True, "SIGUSR1")]
 

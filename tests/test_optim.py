@@ -8,6 +8,8 @@ from gptrain.config import ConfigError, TrainConfig, load_config
 from gptrain.model import GPT
 from gptrain.optim import Muon, build_optimizers, lr_multiplier, set_lr
 
+from conftest import run_two_ranks
+
 
 def tiny_model(**overrides) -> GPT:
     torch.manual_seed(0)
@@ -190,10 +192,7 @@ def _muon_under_fsdp(rank: int, init_file: str, results) -> None:
 
 def test_muon_under_fsdp_takes_the_one_process_step(tmp_path):
     """Each rank's rows of the whole matrix's update, not its rows orthogonalised apart."""
-    context = torch.multiprocessing.get_context("spawn")
-    results = context.Queue()
-    torch.multiprocessing.start_processes(_muon_under_fsdp, args=(str(tmp_path / "init"), results), nprocs=2,
-                                          start_method="spawn")
+    results = run_two_ranks(_muon_under_fsdp, tmp_path)
     sharded = results.get(timeout=60)
     one_process = take_steps(Muon(matrices(), **SETTINGS, dtype=torch.float32), gradients(steps=3, seed=1))
     for got, want in zip(sharded, one_process):
