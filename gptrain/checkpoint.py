@@ -109,8 +109,8 @@ class Checkpoint:
         with self._loading():
             if self.shards is not None:
                 state = {"optimizer": get_optimizer_state_dict(model, optimizers)}
-                _read_shards(self.shards, state)
-                set_optimizer_state_dict(model, optimizers, state["optimizer"])
+                _read_shards(self.shards, state)  # in place, into the optimizers' own state tensors
+                set_optimizer_state_dict(model, optimizers, state["optimizer"])  # and what is not a tensor
             else:
                 saved = self.tensors["optimizer"]
                 if any(isinstance(k, int) for k in saved["state"]):  # nanoGPT's layout: by position
