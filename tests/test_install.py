@@ -96,6 +96,7 @@ def check_core(env: Env) -> None:
                           text=True, timeout=TIMEOUT)
     assert (done.returncode, done.stderr) == (2, 'error: the bpe tokenizer needs the tokenizers package: '
                                                  'pip install "gptrain[data]"\n')
+    run_tests(env, ROOT / "tests")  # the README's `pip install -e . && python -m pytest`: what needs an extra skips
 
 
 def check_data(env: Env) -> None:
@@ -132,11 +133,16 @@ def check_wandb(env: Env) -> None:
     assert list((out / "wandb").glob("offline-run-*"))
 
 
-def check_eval(env: Env) -> None:
-    """The harness's own tests, which run lm-eval on local tasks, in this environment."""
+def run_tests(env: Env, *paths: Path) -> None:
+    """This checkout's tests (`paths` of them), with pytest, in the environment."""
     env.run(str(env.root / "bin" / "pip"), "install", "-q", "pytest")
     env.run(str(env.root / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
-            str(ROOT / "tests" / "test_harness.py"))
+            *map(str, paths))
+
+
+def check_eval(env: Env) -> None:
+    """The harness's own tests, which run lm-eval on local tasks, in this environment."""
+    run_tests(env, ROOT / "tests" / "test_harness.py")
 
 
 def check_serve(env: Env) -> None:
