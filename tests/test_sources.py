@@ -49,6 +49,7 @@ def texts(corpus: sources.Corpus) -> list[str]:
 @pytest.mark.parametrize("kind", ["datasets", "jsonl", "parquet", "txt_dir", "hub", "hub_streaming"])
 def test_every_format_opens_as_its_documents_in_order(tmp_path, kind):
     if kind.startswith("hub"):  # load_dataset reads a local folder of JSON lines as it reads the hub's
+        pytest.importorskip("datasets")  # gptrain[data]
         write_corpus("jsonl", tmp_path)
         corpus = open_hub(str(tmp_path), config=None, split="train", text_column="text",
                           streaming=kind == "hub_streaming", cache_dir=str(tmp_path / "cache"), num_proc=1)
