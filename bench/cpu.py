@@ -31,7 +31,9 @@ import torch
 ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 FORCED_ISA = "AVX2"
 # oneDNN's names of the instruction sets at or past AVX512-BF16 (any case): a cap at one of these keeps
-# the native bfloat16 path. DEFAULT and ALL cap nothing.
+# the native bfloat16 path. DEFAULT and ALL cap nothing. gptrain.device.native_bfloat16, which picks
+# muon_dtype=auto, decides alike from the same names; this file imports nothing of gptrain, since
+# step_profile.py runs other checkouts' trainers, and their gptrain, in its process.
 BF16_ISAS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
              "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "DEFAULT", "ALL"}
 NATIVE_FLAGS = ("avx512_bf16", "amx_bf16")  # as /proc/cpuinfo spells them

@@ -17,9 +17,12 @@ from gptrain.config import DEVICES, ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPUINFO = Path("/proc/cpuinfo")
-# oneDNN's instruction sets below AVX512_CORE_BF16, the first with a bfloat16 dot product: a cap of
-# ONEDNN_MAX_CPU_ISA at one of these makes oneDNN emulate bfloat16 matmuls on any CPU
-ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+# The variables that cap oneDNN's instruction sets (the older name counts where the newer is unset), and
+# oneDNN's names of the sets at or past AVX512_CORE_BF16, its first with a bfloat16 dot product: a cap at
+# any other (AVX2, say) makes oneDNN emulate bfloat16 matmuls on any CPU. DEFAULT and ALL cap nothing.
+ONEDNN_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+ISAS_WITH_BF16 = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
+                  "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "DEFAULT", "ALL"}
 
 
 def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
@@ -52,7 +55,10 @@ def native_bfloat16(device: torch.device) -> bool:
     CPU with AVX512-BF16 or AMX (that oneDNN may use). Elsewhere bfloat16 is emulated, slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type != "cpu" or os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ISAS_WITHOUT_BF16:
+    if device.type != "cpu":
+        return False
+    cap = next((os.environ[name] for name in ONEDNN_CAPS if os.environ.get(name)), None)
+    if cap is not None and cap.upper() not in ISAS_WITH_BF16:  # a set it does not know: assume the slow path
         return False
     try:
         flags = set(CPUINFO.read_text().split())

@@ -25,22 +25,25 @@ def test_auto_dtype_on_gpus_without_native_bf16_is_float16(monkeypatch):
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
 
 
-@pytest.mark.parametrize("flags, isa_cap, native", [
-    ("fpu sse4_2 avx2 fma", None, False),  # an AMD EPYC without AVX-512: bfloat16 matmuls 7x slower than float32
-    ("avx2 avx512f avx512bw", None, False),  # AVX-512 without its bfloat16 dot product
-    ("avx512f avx512_bf16", None, True),
-    ("avx512f avx512_bf16 amx_bf16 amx_tile", None, True),
-    ("avx512f avx512_bf16 amx_bf16 amx_tile", "avx2", False),  # oneDNN told to stop below AVX512_CORE_BF16
-    ("avx512f avx512_bf16 amx_bf16 amx_tile", "AVX512_CORE_AMX", True),
+@pytest.mark.parametrize("flags, cap, native", [
+    ("fpu sse4_2 avx2 fma", {}, False),  # an AMD EPYC without AVX-512: bfloat16 matmuls 7x slower than float32
+    ("avx2 avx512f avx512bw", {}, False),  # AVX-512 without its bfloat16 dot product
+    ("avx512f avx512_bf16", {}, True),
+    ("avx512f avx512_bf16 amx_bf16 amx_tile", {}, True),
+    # oneDNN told to stop below AVX512_CORE_BF16, by either name of the variable
+    ("avx512f avx512_bf16 amx_bf16 amx_tile", {"ONEDNN_MAX_CPU_ISA": "avx2"}, False),
+    ("avx512f avx512_bf16 amx_bf16 amx_tile", {"DNNL_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, False),
+    ("avx512f avx512_bf16 amx_bf16 amx_tile", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, True),
+    ("avx512f avx512_bf16 amx_bf16 amx_tile", {"ONEDNN_MAX_CPU_ISA": "ALL"}, True),
 ])
-def test_native_bfloat16_on_a_cpu_follows_its_flags_and_onednns_cap(flags, isa_cap, native, tmp_path, monkeypatch):
+def test_native_bfloat16_on_a_cpu_follows_its_flags_and_onednns_cap(flags, cap, native, tmp_path, monkeypatch):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
     monkeypatch.setattr(device_module, "CPUINFO", cpuinfo)
-    if isa_cap:
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa_cap)
-    else:
-        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    for name in device_module.ONEDNN_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in cap.items():
+        monkeypatch.setenv(name, value)
     assert native_bfloat16(torch.device("cpu")) is native
 
 
