@@ -125,7 +125,7 @@ class Checkpoint:
         if self.model_config.pos_emb == "learned":
             if block_size > self.model_config.block_size:
                 raise ConfigError(f"block_size={block_size} is larger than the {self.model_config.block_size} "
-                                      f"learned positions of {self.path}; set block_size <= {self.model_config.block_size}")
+                                  f"learned positions of {self.path}; set block_size <= {self.model_config.block_size}")
             if self.shards is not None:
                 raise CheckpointError(f"{self.path} is sharded, and its position table cannot be cropped to "
                                       f"block_size={block_size}; fine-tune at block_size={self.model_config.block_size}")

@@ -105,10 +105,10 @@ def lost_rank(error: RuntimeError, info: DistInfo, *, timeout_s: int, step: int 
     gloo = text.split("] ", 1)[-1].split(". ")[0].splitlines()[0]  # its first sentence, after [source:line]
     if timed_out:
         return LostRank(f"{other} did not answer within dist_timeout_s={timeout_s} s: a collective timed out "
-                          f"{where} on rank {info.rank} ({gloo}). It hung, was stopped, or is slower than that "
-                          f"(then raise dist_timeout_s); continue with init_from=resume")
+                        f"{where} on rank {info.rank} ({gloo}). It hung, was stopped, or is slower than that "
+                        f"(then raise dist_timeout_s); continue with init_from=resume")
     return LostRank(f"{other} went away: a collective failed {where} on rank {info.rank} ({gloo}). It died or "
-                      f"was killed; continue with init_from=resume")
+                    f"was killed; continue with init_from=resume")
 
 
 def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, device: torch.device, dtype: torch.dtype, *,

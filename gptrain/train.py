@@ -120,13 +120,14 @@ def build(config: TrainConfig, info: DistInfo) -> Run:
         source = source.cropped(model_config.block_size)
     with torch.device("meta"):  # no memory and no work yet: parallelize() gives each rank its part
         model = GPT(model_config)
-    config, eval_batch = _plan(config, model, info, max_batch=1 if config.batch_size == "auto" else config.batch_size)
+    eval_batch = config.batch_size  # as asked (auto until probed): evaluations do not change with the world size
+    config = _plan(config, model, info, max_batch=1 if eval_batch == "auto" else eval_batch)
     wrapped = parallelize(model, config, info, device, dtype,
                           fill=source.load_weights if source else _initial_weights(config.seed))
     optimizers = build_optimizers(model, config, device.type)
     if eval_batch == "auto":
         eval_batch = _largest_micro_batch(config, wrapped, model, info, device, dtype)
-        config, _ = _plan(config, model, info, max_batch=eval_batch)
+        config = _plan(config, model, info, max_batch=eval_batch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     state = _restore(config, source, model, optimizers, scaler)
 
@@ -222,11 +223,10 @@ def _fixed_by(source: Checkpoint, config: TrainConfig, info: DistInfo) -> GPTCon
     return replace(model_config, block_size=config.block_size) if "block_size" in set_here else model_config
 
 
-def _plan(config: TrainConfig, model: GPT, info: DistInfo, *, max_batch: int) -> tuple[TrainConfig, int | str]:
-    """The micro-batch and accumulation for this world size, and the horizon. Also returns the evaluation
-    batch: batch_size as asked (auto until probed), so evaluations do not change with the world size."""
+def _plan(config: TrainConfig, model: GPT, info: DistInfo, *, max_batch: int) -> TrainConfig:
+    """The micro-batch and accumulation for this world size, and the horizon."""
     planned = plan_batch(config, model.config.block_size, info.world_size, max_batch)
-    return plan_horizon(planned, model.num_params()), config.batch_size
+    return plan_horizon(planned, model.num_params())
 
 
 def _initial_weights(seed: int):
