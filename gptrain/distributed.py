@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -140,13 +140,18 @@ def parallelize(model: nn.Module, config: TrainConfig, info: DistInfo, device: t
     return _ddp(torch.compile(model) if config.compile else model, info, device)
 
 
+def own_slice(whole: torch.Tensor, mesh: DeviceMesh, placements) -> torch.Tensor:
+    """This rank's slice, as `placements` cut it over `mesh`, of a tensor that every rank holds whole and
+    alike: cut locally, with no collective."""
+    return distribute_tensor(whole, mesh, placements, src_data_rank=None).to_local()
+
+
 def place_whole(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy a whole tensor into a parameter; a sharded one (FSDP) keeps only its own slice of it, cut
-    locally (every rank holds the same whole value), so the weights do not depend on the world size."""
+    """Copy a whole tensor into a parameter; a sharded one (FSDP) keeps only its own slice of it, so the
+    weights do not depend on the world size."""
     value = value.to(param.device)
     if isinstance(param, DTensor):
-        value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local()
-        param = param.to_local()
+        value, param = own_slice(value, param.device_mesh, param.placements), param.to_local()
     param.copy_(value)
 
 

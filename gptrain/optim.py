@@ -13,10 +13,11 @@ from collections import defaultdict
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from gptrain.config import ConfigError, TrainConfig
 from gptrain.device import DTYPES, native_bfloat16
+from gptrain.distributed import own_slice
 
 
 def param_role(name: str, p: nn.Parameter) -> str:
@@ -175,10 +176,7 @@ def _gathered(stack: torch.Tensor, like: nn.Parameter) -> torch.Tensor:
 def _own_shard(whole: torch.Tensor, like: nn.Parameter) -> torch.Tensor:
     """This rank's shards of a stack of whole matrices (the same on every rank), cut as `like` is: no
     collective, only a slice."""
-    if not isinstance(like, DTensor):
-        return whole
-    replicated = DTensor.from_local(whole, like.device_mesh, [Replicate()] * like.device_mesh.ndim, run_check=False)
-    return replicated.redistribute(like.device_mesh, _stacked_placements(like)).to_local()
+    return own_slice(whole, like.device_mesh, _stacked_placements(like)) if isinstance(like, DTensor) else whole
 
 
 def lr_multiplier(step: int, config: TrainConfig) -> float:
